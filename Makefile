@@ -1,0 +1,53 @@
+# The two README commands: `make demo` and `make test`. Each creates or refreshes
+# .venv and installs what it needs, so both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Stamps carry a hash of pyproject.toml: editing the dependencies reinstalls.
+DEPS_HASH := $(shell sha1sum pyproject.toml | cut -c1-10)
+BASE_STAMP := $(VENV)/.base-$(DEPS_HASH)
+DEV_STAMP := $(VENV)/.dev-$(DEPS_HASH)
+HF_STAMP := $(VENV)/.hf-$(DEPS_HASH)
+export JAX_PLATFORMS ?=
+
+.PHONY: demo test lint format bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(BASE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# torch is pinned to the CPU wheel (see pyproject's [hf] extra): an unpinned torch
+# would pull a multi-GB CUDA build.
+$(HF_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e ".[hf]"
+	touch $@
+
+install: $(BASE_STAMP)
+
+demo: $(BASE_STAMP)
+	$(PY) -m jaxllm.demo
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(DEV_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(DEV_STAMP) lint
+	$(PY) -m pytest -q --durations=15
+
+bench: $(HF_STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,216 @@
+"""Attention building blocks: the one mask function, rotary embeddings, the attention layer.
+
+Every attention pattern jaxllm supports is a boolean mask built by
+`attention_mask` from token *positions* (not array indices), so the same function
+serves full-sequence training and KV-cache decoding, where queries sit at the end
+of a longer cache:
+
+- causal:          key position <= query position
+- sliding window:  query position - key position < window
+- prefix-LM:       keys flagged as prefix are visible to every query of the same
+                   segment (bidirectional over the source, causal over the target)
+- packed segments: queries only see keys with the same non-zero segment id
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+# A window this large never masks anything: used for "global" layers so that local
+# and global layers share one code path (and one scanned layer body).
+NO_WINDOW = 2**30
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_prefix: jax.Array | None = None,
+    window: int | jax.Array = NO_WINDOW,
+) -> jax.Array:
+    """Boolean attention mask, True where a query may attend to a key.
+
+    Args:
+      q_positions: [B, Tq] int positions of the queries.
+      kv_positions: [B, Tk] int positions of the keys.
+      q_segment_ids: optional [B, Tq] packed-sequence ids (0 = padding).
+      kv_segment_ids: optional [B, Tk] ids for the keys.
+      kv_prefix: optional [B, Tk] bool, True on prefix (source) tokens that every
+        query of the same segment may see (prefix-LM).
+      window: sliding-window size; `NO_WINDOW` for global attention. May be traced.
+
+    Returns:
+      [B, 1, Tq, Tk] bool mask (the 1 broadcasts over heads).
+    """
+    q = q_positions[:, :, None]
+    k = kv_positions[:, None, :]
+    allowed = (k <= q) & (q - k < window)
+    if kv_prefix is not None:
+        allowed = allowed | kv_prefix[:, None, :]
+    if q_segment_ids is not None and kv_segment_ids is not None:
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        allowed = allowed & same & (kv_segment_ids[:, None, :] != 0)
+    return allowed[:, None, :, :]
+
+
+def rope_frequencies(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, dim] in the Hugging Face `rotate_half` layout (for conversion)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [B, T, heads, dim] by the position angles (computed in fp32)."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def partitioned(init: Any, *axes: str | None) -> Any:
+    """An initializer that records logical axis names on the parameter."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Projection(nn.Module):
+    """A dense layer over the trailing `len(in_axes)` dims with a full-rank kernel.
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its final shape (e.g.
+    [embed, heads, kv]) so each of its dimensions carries its own logical axis name.
+
+    Attributes:
+      features: output shape appended after the batch dims.
+      in_axes / out_axes: logical names of the contracted and produced dims.
+      dot_general_cls: optional Flax dot_general factory (fake-quant / int8 hook).
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    dot_general_cls: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.normal(0.02), *self.in_axes, *self.out_axes),
+            (*x.shape[-n_in:], *self.features),
+            self.param_dtype,
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias", partitioned(nn.initializers.zeros, *self.out_axes), self.features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with an optional KV cache.
+
+    Attributes:
+      cfg: model config (heads, kv heads, head dim, RoPE, bias).
+      dtype: compute dtype; parameters stay in `param_dtype`.
+      decode: if True, keys/values are appended to a `cache` collection.
+      dot_general_cls: optional Flax dot_general factory (fake-quant hook).
+    """
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    decode: bool = False
+    dot_general_cls: Any = None
+
+    def _dense(self, features, in_axes, out_axes, name):
+        return Projection(
+            features=features,
+            in_axes=in_axes,
+            out_axes=out_axes,
+            use_bias=self.cfg.bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            dot_general_cls=self.dot_general_cls,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        prefix_mask: jax.Array | None,
+        window: int | jax.Array,
+    ) -> jax.Array:
+        cfg = self.cfg
+        h, kvh, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        q = self._dense((h, d), ("embed",), ("heads", "kv"), "query")(x)
+        k = self._dense((kvh, d), ("embed",), ("heads", "kv"), "key")(x)
+        v = self._dense((kvh, d), ("embed",), ("heads", "kv"), "value")(x)
+        if cfg.flavour == "llama":
+            cos, sin = rope_frequencies(positions, d, cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+        if self.decode:
+            k, v, mask = self._update_cache(k, v, positions, prefix_mask, window)
+        else:
+            mask = attention_mask(
+                positions,
+                positions,
+                q_segment_ids=segment_ids,
+                kv_segment_ids=segment_ids,
+                kv_prefix=prefix_mask,
+                window=window,
+            )
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out")(out)
+
+    def _update_cache(self, k, v, positions, prefix_mask, window):
+        """Writes new keys/values at `cache_index`; returns the whole cache and its mask."""
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_prefix = self.variable(
+            "cache", "cached_prefix", jnp.zeros, k.shape[:2], jnp.bool_
+        )
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not is_initialized:  # model.init(decode=True) only allocates the cache
+            kv_pos = positions
+            return k, v, attention_mask(positions, kv_pos, kv_prefix=prefix_mask, window=window)
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        if prefix_mask is not None:
+            cached_prefix.value = jax.lax.dynamic_update_slice(
+                cached_prefix.value, prefix_mask.astype(jnp.bool_), (0, i)
+            )
+        index.value = i + k.shape[1]
+        batch, cache_len = cached_k.value.shape[:2]
+        kv_pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=positions.dtype), (batch, cache_len))
+        mask = attention_mask(positions, kv_pos, kv_prefix=cached_prefix.value, window=window)
+        # Unwritten cache slots sit at positions beyond the query, so causality hides them.
+        return cached_k.value, cached_v.value, mask

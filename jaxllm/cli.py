@@ -1,0 +1,184 @@
+"""`jaxllm` command line: train, eval, generate (see DESIGN.md, "CLI contract").
+
+Every user mistake surfaces as one line on stderr, `jaxllm: error: ...`, and exit
+status 2; a traceback means a bug in jaxllm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from jaxllm.errors import UserError
+
+EXAMPLES = {
+    "train": "jaxllm train configs/lm_tiny.yaml train.steps=100 optim.lr=1e-3 --workdir runs/tiny",
+    "eval": "jaxllm eval --workdir runs/tiny train.eval_batches=0",
+    "generate": 'jaxllm generate --workdir runs/tiny --prompt "The list type" strategy=sample '
+    "temperature=0.8 top_k=40 max_new_tokens=40",
+}
+GENERATE_OPTIONS = {
+    "strategy": str,
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxllm",
+        description="Train, evaluate and sample transformer language models (JAX/Flax).",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = add("train", "Train a model from a YAML config; rerunning resumes from the latest checkpoint.")
+    p.add_argument("config", help="YAML config, e.g. configs/lm_tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--workdir", required=True, help="output directory (config, logs, checkpoints)")
+
+    p = add("eval", "Evaluate a trained workdir (perplexity) -> DIR/eval.json and a table.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides (train.eval_batches=0: all)")
+
+    p = add("generate", "Continue a prompt with a trained model (KV-cache decoding).")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "options",
+        nargs="*",
+        help="strategy=greedy|sample max_new_tokens=N temperature=T top_k=K top_p=P seed=S",
+    )
+    return parser
+
+
+def _workdir_config(workdir: str, overrides: list[str]) -> Any:
+    from jaxllm.config import load_config
+
+    path = os.path.join(workdir, "config.yaml")
+    if not os.path.exists(path):
+        raise UserError(f"'{workdir}' has no config.yaml; run `jaxllm train ... --workdir {workdir}`")
+    cfg = load_config(path, overrides)
+    tokenizer = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(tokenizer):
+        cfg.data.tokenizer = tokenizer
+    return cfg
+
+
+def _restore_params(workdir: str, cfg: Any):
+    from jaxllm.train import build_session
+
+    session = build_session(cfg, workdir)
+    params, step = session.checkpointer.restore_params(session.steps.abstract_state.params)
+    return session, params, step
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxllm.config import load_config
+    from jaxllm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, args.workdir)
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if isinstance(v, int | float | str | type(None))}
+        )
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxllm.train import evaluate
+
+    cfg = _workdir_config(args.workdir, args.overrides)
+    session, params, step = _restore_params(args.workdir, cfg)
+    result = {"step": step, "split": cfg.data.eval_split, **evaluate(session, params)}
+    with open(os.path.join(args.workdir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    width = max(len(k) for k in result)
+    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                    for k, v in result.items()))
+    return 0
+
+
+def parse_generate_options(options: list[str]) -> dict[str, Any]:
+    """Parses `key=value` decoding options with their types; unknown keys are errors."""
+    from jaxllm.config import parse_override
+
+    parsed: dict[str, Any] = {}
+    for text in options:
+        key, value = parse_override(text)
+        if key not in GENERATE_OPTIONS:
+            raise UserError(
+                f"unknown generate option '{key}'; valid: {', '.join(GENERATE_OPTIONS)}"
+            )
+        try:
+            parsed[key] = GENERATE_OPTIONS[key](value)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"generate option {key}={value!r} must be {GENERATE_OPTIONS[key].__name__}") from e
+    return parsed
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jaxllm.decode import generate
+    from jaxllm.precision import get_policy
+
+    options = parse_generate_options(args.options)
+    cfg = _workdir_config(args.workdir, [])
+    session, params, _ = _restore_params(args.workdir, cfg)
+    tok = session.tokenizer
+    prompt = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id >= 0 else tok.encode(args.prompt)
+    new = generate(
+        cfg.model,
+        params,
+        np.asarray([prompt]),
+        eos_id=tok.eos_id,
+        policy=get_policy(cfg.precision),
+        **options,
+    )[0].tolist()
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `jaxllm` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

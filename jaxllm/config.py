@@ -1,0 +1,406 @@
+"""Typed experiment configuration: dataclasses, YAML files and `key=value` overrides.
+
+A config is a tree of dataclasses. `load_config(path, overrides)` reads a YAML
+file, applies dotted overrides (`optim.lr=3e-4`), checks every key and type, and
+returns a frozen-in-spirit `Config`. Every mistake raises `UserError` with one
+line naming the key, what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from jaxllm.errors import UserError
+
+# Closed vocabulary of logical axis names (DESIGN.md). Rules may only name these.
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)  # hashable: Flax modules and jit static args hold it
+class ModelConfig:
+    """Decoder Transformer shape and flavour."""
+
+    flavour: str = field(default="gpt2", metadata=_choices("gpt2", "llama"))
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = same as n_heads (multi-head); fewer = grouped-query
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 0  # 0 = 4*d_model (gpt2) or the LLaMA 8/3 rule rounded to 64
+    max_len: int = 512
+    dropout: float = 0.0
+    attention: str = field(default="global", metadata=_choices("global", "local", "alternating"))
+    window: int = 128  # sliding-window size for local layers
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool | None = None  # None = flavour default (gpt2 tied, llama untied)
+    use_bias: bool | None = None  # None = flavour default (gpt2 yes, llama no)
+    scan_layers: bool = False
+    remat: str = field(default="none", metadata=_choices("none", "full", "save_dots"))
+    num_classes: int = 0  # >0 adds a classification head (classify task)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.flavour == "gpt2":
+            return 4 * self.d_model
+        # LLaMA: 2/3 of 4*d, rounded up to a multiple of 64 (Touvron et al. 2023).
+        return 64 * -(-int(8 * self.d_model / 3) // 64)
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def bias(self) -> bool:
+        return self.flavour == "gpt2" if self.use_bias is None else self.use_bias
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, logging and checkpoint cadence."""
+
+    steps: int = 200
+    batch_size: int = 16  # global batch, in sequences
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    z_loss: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule, clipping and weight decay."""
+
+    name: str = field(default="adamw", metadata=_choices("adamw", "adafactor", "sgd", "lion"))
+    lr: float = 1e-3
+    schedule: str = field(
+        default="warmup_cosine",
+        metadata=_choices("warmup_cosine", "warmup_linear", "constant", "piecewise", "rsqrt"),
+    )
+    warmup_steps: int = 20
+    decay_steps: int = 0  # 0 = train.steps
+    min_lr_ratio: float = 0.1
+    boundaries: list[int] = field(default_factory=list)  # piecewise: steps where lr changes
+    factors: list[float] = field(default_factory=list)  # piecewise: multiplier at each boundary
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes (-1 = the rest) and the logical-to-mesh rules table."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # logical axis -> mesh axis, list of mesh axes, or null (replicated).
+    rules: dict[str, Any] = field(
+        default_factory=lambda: {
+            "batch": ["data", "fsdp"],
+            "embed": "fsdp",
+            "mlp": "tensor",
+            "heads": "tensor",
+            "vocab": "tensor",
+            "kv": None,
+            "length": None,
+            "layers": None,
+        }
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token windows."""
+
+    source: str = "embedded:pydocs"
+    seq_len: int = 128
+    data_dir: str = ""  # "" = $JAXLLM_DATA_DIR or ~/.cache/jaxllm
+    tokenizer: str = ""  # "" = train a SentencePiece model on the corpus and cache it
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclass
+class DistributedConfig:
+    """Explicit multi-process settings (CPU/GPU); Cloud TPU needs none of these."""
+
+    coordinator: str = ""  # host:port; "" = single process (or TPU auto-detect)
+    num_processes: int = 1
+    process_id: int = 0
+    cpu_collectives: str = field(default="gloo", metadata=_choices("gloo", "mpi"))
+
+
+@dataclass
+class LossScaleConfig:
+    """Dynamic loss scaling, used only with precision=fp16."""
+
+    initial: float = 2.0**15
+    growth_interval: int = 200
+    factor: float = 2.0
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    task: str = field(default="lm", metadata=_choices("lm"))
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    init_from: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against type `tp`; converts ints to floats where a float is wanted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list | tuple):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(valid)}"
+    return UserError(f"unknown config key '{key}'; {hint}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(prefix + str(key), list(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp, key, value = hints[name], prefix + name, data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key + ".")
+            continue
+        value = _coerce(key, value, tp)
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise UserError(
+                f"config key '{key}' is {value!r}; allowed values: {', '.join(allowed)}"
+            )
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Splits `a.b=value`; the value is read as YAML (so `1e-3`, `true`, `[1,2]` work)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not key=value (example: optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_override_key(dotted: str) -> None:
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise UserError(f"config key '{'.'.join(parts[:i])}' has no sub-key '{part}'")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(".".join(parts[: i + 1]), names)
+        hint = typing.get_type_hints(cls)[part]
+        if typing.get_origin(hint) is dict:  # free-form mapping (mesh.rules): stop checking
+            return
+        cls = hint
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"config file '{path}' not found; pass a path such as configs/lm_tiny.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"config file '{path}' is not valid YAML ({first}); fix its syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that single-key types cannot express."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.max_len": m.max_len,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "data.seq_len": cfg.data.seq_len,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be > 0, got {value}")
+    if m.head_dim == 0 and m.d_model % m.n_heads:
+        raise UserError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            "change one of them or set model.head_dim"
+        )
+    if m.n_heads % m.kv_heads:
+        raise UserError(
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.kv_heads}; "
+            "grouped-query attention needs n_heads to be a multiple of n_kv_heads"
+        )
+    if m.flavour == "llama" and m.dim_per_head % 2:
+        raise UserError(f"RoPE needs an even head dimension, got {m.dim_per_head}")
+    if cfg.data.seq_len > m.max_len:
+        raise UserError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}; "
+            "raise model.max_len or lower data.seq_len"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.batch_size % t.grad_accum:
+        raise UserError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if len(cfg.optim.boundaries) != len(cfg.optim.factors):
+        raise UserError("optim.boundaries and optim.factors must have the same length")
+    for logical, target in cfg.mesh.rules.items():
+        if logical not in LOGICAL_AXES:
+            raise _unknown_key(f"mesh.rules.{logical}", list(LOGICAL_AXES))
+        targets = target if isinstance(target, list) else [target]
+        for axis in targets:
+            if axis is not None and axis not in MESH_AXES:
+                raise UserError(
+                    f"mesh.rules.{logical} names mesh axis '{axis}'; "
+                    f"allowed: {', '.join(MESH_AXES)} or null"
+                )
+    return cfg
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds a validated Config from a nested dict plus dotted overrides."""
+    data = dict(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_override_key(key)
+        _set_dotted(data, key, value)
+    return validate(_build(Config, data))
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config (or defaults when `path` is None) and applies overrides."""
+    return from_dict(_read_yaml(path) if path else {}, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Writes the fully resolved config (every key, defaults included) as YAML."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,151 @@
+"""Autoregressive decoding on the KV cache: greedy and temperature / top-k / top-p sampling.
+
+One prefill call writes the prompt's keys and values into the cache; each further
+step feeds one token. The whole generation is one jitted `lax.while_loop`, compiled
+once per (batch, prompt bucket, cache bucket) so repeated calls do not recompile.
+Beam search arrives with the tasks issue.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import UserError
+from jaxllm.model import build_model
+
+STRATEGIES = ("greedy", "sample")
+BUCKET = 64  # cache lengths round up to a multiple of this to bound recompiles
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Masks logits outside the top-k set and outside the top-p nucleus (to -inf).
+
+    Args:
+      logits: [B, V] float logits, already divided by the temperature.
+      top_k: keep the k largest (0 = no limit).
+      top_p: keep the smallest set whose probability mass reaches p (1.0 = no limit).
+    """
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if not (isinstance(top_p, float) and top_p >= 1.0):  # traced top_p: always filter
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The cut-off is the first sorted logit at which the mass *before* it reaches p;
+        # the most likely token always survives.
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
+
+
+def _next_token(logits, rng, strategy, temperature, top_k, top_p):
+    if strategy == "greedy":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "cache_len", "strategy", "top_k")
+)
+def _generate(
+    model, params, prompt, rng, temperature, top_p, eos_id, *, max_new_tokens, cache_len, strategy,
+    top_k,
+):
+    batch, prompt_len = prompt.shape
+    cache = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, cache_len), jnp.int32))
+    )["cache"]
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache}, prompt, positions=positions, mutable=["cache"]
+    )
+    first = _next_token(logits[:, -1], rng, strategy, temperature, top_k, top_p)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = first == eos_id
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, out, done, _ = carry
+        token = out[:, i - 1]
+        pos = jnp.full((batch, 1), prompt_len + i - 1, jnp.int32)
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, token[:, None], positions=pos, mutable=["cache"]
+        )
+        nxt = _next_token(
+            logits[:, -1], jax.random.fold_in(rng, i), strategy, temperature, top_k, top_p
+        )
+        nxt = jnp.where(done, eos_id, nxt)  # finished rows keep emitting EOS
+        out = out.at[:, i].set(nxt)
+        return i + 1, mutated["cache"], out, done | (nxt == eos_id), None
+
+    _, _, out, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.array(1), mutated["cache"], out, done, None)
+    )
+    return out
+
+
+def generate(
+    model_cfg: ModelConfig,
+    params: Any,
+    prompt: np.ndarray,
+    *,
+    max_new_tokens: int = 32,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = -1,
+    seed: int = 0,
+    policy: Any = None,
+) -> np.ndarray:
+    """Continues each row of `prompt` ([B, T] token ids, equal lengths) on the KV cache.
+
+    Returns:
+      [B, max_new_tokens] int32 new tokens; after a row emits `eos_id` it repeats it.
+    """
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy={strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if temperature <= 0 and strategy == "sample":
+        raise UserError("temperature must be > 0 for sampling; use strategy=greedy instead")
+    if not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise UserError(f"top_p must be in (0, 1] and top_k >= 0, got {top_p}, {top_k}")
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise UserError("the prompt is empty; give at least one token of text")
+    needed = prompt.shape[1] + max_new_tokens
+    if needed > model_cfg.max_len:
+        raise UserError(
+            f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"model.max_len={model_cfg.max_len}; shorten the prompt or lower max_new_tokens"
+        )
+    cache_len = min(model_cfg.max_len, -(-needed // BUCKET) * BUCKET)
+    model = build_model(model_cfg, policy, decode=True)
+    out = _generate(
+        model,
+        params,
+        jnp.asarray(prompt),
+        jax.random.PRNGKey(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.int32(eos_id),
+        max_new_tokens=max_new_tokens,
+        cache_len=cache_len,
+        strategy=strategy,
+        top_k=top_k,
+    )
+    return np.asarray(out)

@@ -1,0 +1,240 @@
+"""TrainState and the compiled train/eval steps.
+
+The step is a composition of pure pieces -- `model.apply`, the task loss, the
+precision policy's loss scaling, the optax chain -- compiled once by `jax.jit` with
+`NamedSharding` in/out shardings and the state donated. Later issues plug in here
+without touching devices: pruning masks live in the optimizer chain (`extra`
+transforms), fake-quant in the model's `dot_general_cls`, a teacher in `loss_fn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxllm import precision, sharding
+from jaxllm.config import Config
+from jaxllm.tasks import lm_loss_sums, model_kwargs
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterator state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: Any
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    """The jitted steps plus the shardings they were compiled with."""
+
+    mesh: Mesh
+    rules: sharding.Rules
+    state_shardings: Any
+    init: Callable[[], TrainState]
+    train: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval: Callable[[Any, dict], dict]
+    abstract_state: Any
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Removes logical-axis boxes without applying sharding constraints (safe outside jit)."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
+def init_params(model: nn.Module, cfg: Config, rng: jax.Array) -> Any:
+    """Boxed (logically annotated) parameters; `nn.unbox` gives the plain pytree."""
+    tokens = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    return model.init({"params": rng}, tokens)["params"]
+
+
+def make_loss_fn(model: nn.Module, cfg: Config) -> Callable:
+    """loss(params, micro_batch, dropout_rng, total_weight) -> (scalar, sums)."""
+    deterministic = cfg.model.dropout == 0.0
+
+    def loss_fn(params, batch, rng, total_weight):
+        logits = model.apply(
+            {"params": params},
+            batch["inputs"],
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+            **model_kwargs(batch),
+        )
+        sums = lm_loss_sums(logits, batch["targets"], batch["weights"], cfg.train.z_loss)
+        # Divide by the *global* token count so micro-batches and shards add up exactly.
+        return sums["loss_sum"] / total_weight, sums
+
+    return loss_fn
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, cfg: Config, schedule: Callable
+) -> Callable:
+    """Builds the (unjitted) train step: grads over micro-batches, loss scale, update."""
+    loss_fn = make_loss_fn(model, cfg)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    n_micro = cfg.train.grad_accum
+    ls_cfg = cfg.loss_scale
+    base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
+
+    def scaled_grads(params, micro, rng, total_weight, scale):
+        def scaled_loss(p, b, r, w):
+            loss, sums = loss_fn(p, b, r, w)
+            return precision.scale_loss(scale, loss), sums
+
+        (_, sums), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+            params, micro, rng, total_weight
+        )
+        return grads, sums
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # Dropout keys depend only on (seed, step): a resumed run draws the same masks.
+        rng = jax.random.fold_in(base_rng, state.step)
+        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        if n_micro == 1:
+            grads, sums = scaled_grads(state.params, batch, rng, total_weight, state.loss_scale)
+        else:
+
+            def body(acc, xs):
+                micro, i = xs
+                g, s = scaled_grads(
+                    state.params, micro, jax.random.fold_in(rng, i), total_weight, state.loss_scale
+                )
+                return jax.tree.map(jnp.add, acc, (g, s)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
+            (grads, sums), _ = jax.lax.scan(
+                body, (zeros, zero_sums), (_split_micro(batch, n_micro), jnp.arange(n_micro))
+            )
+        grads = precision.unscale(state.loss_scale, grads)
+        finite = precision.all_finite(grads)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # An overflowing fp16 step changes nothing but the loss scale.
+        new_params = precision.select_tree(finite, new_params, state.params)
+        new_opt = precision.select_tree(finite, new_opt, state.opt_state)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=new_params,
+            opt_state=new_opt,
+            loss_scale=precision.update_loss_scale(state.loss_scale, finite, ls_cfg),
+        )
+        metrics = {
+            "loss": sums["ce_sum"] / total_weight,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "tokens": sums["weight_sum"],
+            "accuracy": sums["correct_sum"] / total_weight,
+            "loss_scale": new_state.loss_scale.scale,
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+_SUM_KEYS = ("loss_sum", "ce_sum", "correct_sum", "weight_sum")
+
+
+def make_eval_step(model: nn.Module, cfg: Config) -> Callable:
+    """eval(params, batch) -> sums of cross-entropy, correct tokens and weights."""
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], **model_kwargs(batch))
+        return lm_loss_sums(logits, batch["targets"], batch["weights"])
+
+    return eval_step
+
+
+def compile_steps(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: Config,
+    schedule: Callable,
+    mesh: Mesh,
+) -> CompiledSteps:
+    """Derives state shardings from the logical annotations and jits init/train/eval."""
+    rules = sharding.logical_rules(cfg.mesh)
+    use_loss_scale = cfg.precision == "fp16"
+
+    def create_boxed():
+        params = init_params(model, cfg, jax.random.PRNGKey(cfg.train.seed))
+        return params
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed_shapes = jax.eval_shape(create_boxed)
+        param_shapes = strip_boxes(boxed_shapes)
+        param_sh = sharding.tree_shardings(boxed_shapes, mesh, rules)
+        opt_shapes = jax.eval_shape(tx.init, param_shapes)
+        opt_sh = sharding.opt_state_shardings(tx, opt_shapes, param_shapes, param_sh, mesh)
+        repl = sharding.replicated(mesh)
+        ls_shapes = jax.eval_shape(lambda: precision.init_loss_scale(cfg.loss_scale, use_loss_scale))
+        state_sh = TrainState(
+            step=repl,
+            params=param_sh,
+            opt_state=opt_sh,
+            loss_scale=jax.tree.map(lambda _: repl, ls_shapes),
+        )
+
+    def create_state():
+        params = nn.unbox(create_boxed())
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            loss_scale=precision.init_loss_scale(cfg.loss_scale, use_loss_scale),
+        )
+
+    abstract = jax.eval_shape(create_state)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
+    )
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    train_jit = jax.jit(
+        make_train_step(model, tx, cfg, schedule),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    eval_jit = jax.jit(
+        make_eval_step(model, cfg), in_shardings=(param_sh, batch_sh), out_shardings=repl
+    )
+    init_jit = jax.jit(create_state, out_shardings=state_sh)
+
+    def in_context(fn):
+        # Logical constraints inside the model resolve against this mesh and rules table.
+        def wrapped(*args):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn(*args)
+
+        return wrapped
+
+    return CompiledSteps(
+        mesh=mesh,
+        rules=rules,
+        state_shardings=state_sh,
+        init=in_context(init_jit),
+        train=in_context(train_jit),
+        eval=in_context(eval_jit),
+        abstract_state=abstract,
+    )

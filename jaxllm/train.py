@@ -1,0 +1,218 @@
+"""The training loop: build everything from a Config, train, evaluate, checkpoint, log.
+
+`train(cfg, workdir)` is what `jaxllm train` runs. Rerunning the same command on the
+same workdir resumes from the latest checkpoint (state *and* data iterator), so an
+interrupted run ends at the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxllm import data, flops, optim, sharding
+from jaxllm.checkpoint import Checkpointer
+from jaxllm.config import Config, save_config
+from jaxllm.errors import UserError
+from jaxllm.logger import MetricsLogger
+from jaxllm.model import build_model
+from jaxllm.precision import get_policy
+from jaxllm.step import CompiledSteps, compile_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything built from a config: mesh, model, tokenizer, compiled steps."""
+
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    steps: CompiledSteps
+    checkpointer: Checkpointer | None
+
+
+def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Session:
+    """Initialises the runtime and compiles the steps for `cfg` on its mesh."""
+    sharding.init_distributed(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_batch_divides(cfg.train.batch_size, mesh, sharding.logical_rules(cfg.mesh))
+    tokenizer = data.get_tokenizer(cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{cfg.model.vocab_size}; raise model.vocab_size"
+        )
+    model = build_model(cfg.model, get_policy(cfg.precision))
+    schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    steps = compile_steps(model, tx, cfg, schedule, mesh)
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=cfg.train.keep_checkpoints,
+            async_save=cfg.train.async_checkpoint,
+        )
+    return Session(cfg, model, tokenizer, steps, ckpt)
+
+
+def _iterator(session: Session, split: str, train: bool):
+    cfg = session.cfg
+    return data.make_lm_iterator(
+        cfg,
+        session.tokenizer,
+        split,
+        cfg.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=cfg.train.seed,
+        shuffle=train,
+        repeat=train,
+    )
+
+
+def evaluate(session: Session, params: Any, max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy on the eval split."""
+    cfg, cs = session.cfg, session.steps
+    totals = {"ce_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    n = max_batches if max_batches is not None else cfg.train.eval_batches
+    for i, batch in enumerate(_iterator(session, cfg.data.eval_split, train=False)):
+        if n and i >= n:
+            break
+        sums = jax.device_get(cs.eval(params, sharding.make_global_batch(batch, cs.mesh, cs.rules)))
+        for k in totals:
+            totals[k] += float(sums[k])
+    if totals["weight_sum"] == 0:
+        raise UserError(
+            f"eval split '{cfg.data.eval_split}' produced no tokens; use a larger corpus "
+            "or a smaller data.seq_len / train.batch_size"
+        )
+    loss = totals["ce_sum"] / totals["weight_sum"]
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": totals["correct_sum"] / totals["weight_sum"],
+        "tokens": totals["weight_sum"],
+    }
+
+
+def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
+    cfg, cs, ckpt = session.cfg, session.steps, session.checkpointer
+    if ckpt is not None and ckpt.latest_step() is not None:
+        try:
+            state, data_state, step = ckpt.restore(cs.abstract_state)
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"checkpoint in '{ckpt.directory}' does not match this config ({e}); "
+                "use a fresh --workdir or the config that wrote it"
+            ) from e
+        log.info("resumed from step %d", step)
+        return state, data_state, step
+    state = cs.init()
+    if cfg.init_from:
+        source = Checkpointer(os.path.join(cfg.init_from, "checkpoints"), async_save=False)
+        params, _ = source.restore_params(cs.abstract_state.params)
+        state = state.replace(params=params)
+    return state, {}, 0
+
+
+def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}); pick another") from e
+    session = build_session(cfg, workdir, devices)
+    if jax.process_index() == 0:
+        save_config(cfg, os.path.join(workdir, "config.yaml"))
+        session.tokenizer.save_copy(os.path.join(workdir, "tokenizer.model"))
+    cs, ckpt, tc = session.steps, session.checkpointer, cfg.train
+    state, data_state, start = _restore_or_init(session)
+    it = _iterator(session, cfg.data.train_split, train=True)
+    if data_state:
+        it.set_state(data_state)
+
+    logger = MetricsLogger(workdir, tensorboard=tc.tensorboard)
+    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = flops.peak_flops_per_second(jax.devices(), "bf16" if cfg.precision != "fp32" else "fp32")
+    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    bar = tqdm(
+        total=tc.steps,
+        initial=start,
+        disable=not (tc.progress_bar and jax.process_index() == 0),
+        dynamic_ncols=True,
+    )
+    summary: dict[str, Any] = {"start_step": start}
+    window_start, window_steps, first_loss, metrics = None, 0, None, None
+    for step in range(start, tc.steps):
+        batch = sharding.make_global_batch(next(it), cs.mesh, cs.rules)
+        state, metrics = cs.train(state, batch)
+        done = step + 1
+        if window_start is None:
+            # The first call compiles: start the throughput clock after it finishes.
+            jax.block_until_ready(metrics)
+            window_start, window_steps = time.perf_counter(), 0
+        else:
+            window_steps += 1
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.steps:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
+            record = {
+                "loss": host["loss"],
+                "perplexity": math.exp(min(host["loss"], 50.0)),
+                "lr": host["lr"],
+                "grad_norm": host["grad_norm"],
+                "accuracy": host["accuracy"],
+                "tokens_per_sec": tps,
+                "mfu": flops.mfu(tps, flops_per_token, peak) if window_steps else float("nan"),
+            }
+            if cfg.precision == "fp16":
+                record.update(loss_scale=host["loss_scale"], skipped=host["skipped"])
+            if first_loss is None:
+                first_loss = host["loss"]
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                record.update({f"eval_{k}": v for k, v in evaluate(session, state.params).items()})
+            logger.write(done, record)
+            bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{tps:.0f}")
+            summary.update(record)
+            window_start, window_steps = time.perf_counter(), 0
+        if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
+            ckpt.save(done, state, it.get_state())
+    bar.close()
+
+    if ckpt is not None and ckpt.latest_step() != tc.steps:
+        ckpt.save(tc.steps, state, it.get_state(), force=True)
+    final_eval = evaluate(session, state.params)
+    logger.write(tc.steps, {f"eval_{k}": v for k, v in final_eval.items()})
+    logger.close()
+    if ckpt is not None:
+        ckpt.close()
+    summary.update(
+        steps=tc.steps,
+        first_logged_loss=first_loss,
+        final_loss=summary.get("loss"),
+        **{f"eval_{k}": v for k, v in final_eval.items()},
+    )
+    summary["state"] = state
+    return summary
+
+
+def host_params(state: Any) -> Any:
+    """Gathers parameters to host numpy arrays (tests and conversions)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.params)

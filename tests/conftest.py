@@ -1,0 +1,13 @@
+"""Test setup: CPU backend with 8 fake devices, set before jax is imported anywhere."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Prepared corpora and trained tokenizers are cached once per checkout, not per test.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAXLLM_DATA_DIR", os.path.join(REPO, ".cache", "data"))
+sys.path.insert(0, os.path.join(REPO, "tests"))
