@@ -185,7 +185,14 @@ class Attention(nn.Module):
                 kv_prefix=prefix_mask,
                 window=window,
             )
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
+            # so on CPU (tests, laptops) the attention core runs in fp32.
+            out = jax.nn.dot_product_attention(
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask
+            ).astype(q.dtype)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out")(out)
 

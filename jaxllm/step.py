@@ -141,7 +141,7 @@ def make_train_step(
         )
         metrics = {
             "loss": sums["ce_sum"] / total_weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": sums["weight_sum"],
             "accuracy": sums["correct_sum"] / total_weight,

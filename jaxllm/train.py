@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -139,7 +140,10 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
     session = build_session(cfg, workdir, devices)
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
-        session.tokenizer.save_copy(os.path.join(workdir, "tokenizer.model"))
+        # The workdir carries its tokenizer, so eval/generate never depend on the data cache.
+        copy = os.path.join(workdir, "tokenizer.model")
+        if os.path.abspath(session.tokenizer.path) != os.path.abspath(copy):
+            shutil.copyfile(session.tokenizer.path, copy)
     cs, ckpt, tc = session.steps, session.checkpointer, cfg.train
     state, data_state, start = _restore_or_init(session)
     it = _iterator(session, cfg.data.train_split, train=True)

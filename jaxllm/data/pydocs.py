@@ -104,6 +104,7 @@ def _stdlib_files(root: str) -> Iterator[tuple[str, str]]:
     """Yields (dotted module name, path) for stdlib sources, in sorted order."""
     for dirpath, dirnames, filenames in os.walk(root):
         # Sorting in place fixes the walk order; pruning here skips whole trees.
+        # A '-' cannot be in a package name (config-3.11-x86_64-linux-gnu, ...).
         dirnames[:] = sorted(
             d
             for d in dirnames
@@ -120,7 +121,10 @@ def _stdlib_files(root: str) -> Iterator[tuple[str, str]]:
                 yield ".".join(parts), os.path.join(dirpath, name)
 
 
-def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, owner: str = "") -> str:
+    """``def name(args)`` for a function, ``Owner.name(args)`` for a method."""
+    if owner:
+        return f"{owner}.{node.name}({ast.unparse(node.args)})"
     prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
     return f"{prefix} {node.name}({ast.unparse(node.args)})"
 
@@ -136,7 +140,7 @@ def _class_text(module: str, node: ast.ClassDef) -> str | None:
         if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
             method_doc = ast.get_docstring(child)
             if method_doc:
-                parts.append(f"{node.name}.{_signature(child).split(' ', 1)[1]}\n\n{method_doc}")
+                parts.append(f"{_signature(child, node.name)}\n\n{method_doc}")
     if not parts:
         return None
     header = f"class {node.name}({bases})" if bases else f"class {node.name}"

@@ -1,0 +1,180 @@
+"""The training step and loop: loss goes down, sharded == unsharded, fp16 loss scaling."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import optim, sharding, step
+from jaxllm.config import load_config
+from jaxllm.model import build_model
+from jaxllm.precision import get_policy
+from jaxllm.train import host_params, train
+
+# A small model on the real embedded corpus, sized for 8 fake devices on 2 cores.
+SMALL = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.flavour=llama",
+    "data.seq_len=32",
+    "train.batch_size=8",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.checkpoint_every=0",
+    "train.progress_bar=false",
+    "train.tensorboard=false",
+    "optim.warmup_steps=1",
+]
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / max(np.linalg.norm(np.ravel(a)), 1e-12))
+
+
+def test_lm_tiny_loss_drops_on_embedded_corpus(tmp_path):
+    cfg = load_config(
+        "configs/lm_tiny.yaml",
+        ["train.steps=60", "train.eval_every=0", "train.log_every=10", "train.progress_bar=false",
+         "train.checkpoint_every=0", "train.eval_batches=4"],
+    )
+    summary = train(cfg, str(tmp_path), devices=jax.devices()[:1])
+    records = [r for r in _metrics(str(tmp_path)) if "loss" in r]
+    first, last = records[0]["loss"], records[-1]["loss"]
+    print(f"lm_tiny 60 steps: train loss {first:.3f} -> {last:.3f}, "
+          f"eval loss {summary['eval_loss']:.3f} (ppl {summary['eval_perplexity']:.1f})")
+    # An untrained model is near uniform: ln(4096) = 8.32 nats. Measured on this corpus
+    # (2 cores): train 7.61 at step 10 -> 6.32 at step 60, eval 6.3.
+    uniform = float(np.log(4096))
+    assert first > 7.0
+    assert last < uniform - 1.5 and last < first - 1.0
+    assert summary["eval_loss"] < uniform - 1.5
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+        assert key in records[-1]
+    assert os.path.exists(tmp_path / "config.yaml")
+    assert os.path.exists(tmp_path / "tokenizer.model")
+
+
+MESHES = {
+    "8x1x1": ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
+    "2x4x1_fsdp": ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"],
+    "2x2x2_tensor": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("single"))
+    cfg = load_config(None, SMALL + ["mesh.data=1"])
+    summary = train(cfg, workdir, devices=jax.devices()[:1])
+    return _metrics(workdir), host_params(summary["state"])
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_sharded_equals_single_device(mesh, single_device_run, tmp_path):
+    ref_metrics, ref_params = single_device_run
+    cfg = load_config(None, SMALL + MESHES[mesh])
+    summary = train(cfg, str(tmp_path))
+    metrics = _metrics(str(tmp_path))
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    ref_losses = [r["loss"] for r in ref_metrics if "loss" in r]
+    assert len(losses) == len(ref_losses) == 4
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    params = host_params(summary["state"])
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_params)
+    flat = jax.tree.leaves(params)
+    worst = max(_rel(a, b) for (_, a), b in zip(flat_ref, flat, strict=True))
+    assert worst <= 1e-5, worst
+    # The parameters really were distributed (not silently replicated).
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(summary["state"].params)}
+    assert any(s != "PartitionSpec()" for s in specs)
+
+
+def test_fp16_loss_scale_recovers_from_injected_overflow():
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            "precision=fp16",
+            "mesh.data=1",
+            "loss_scale.initial=1.0e+30",  # guaranteed fp16 overflow on the first step
+            "loss_scale.factor=1.0e+6",
+            "loss_scale.growth_interval=3",
+        ],
+    )
+    model = build_model(cfg.model, get_policy(cfg.precision))
+    tx = optim.make_optimizer(cfg.optim, 50)
+    cs = step.compile_steps(model, tx, cfg, optim.make_schedule(cfg.optim, 50),
+                            sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = cs.init()
+    rng = np.random.RandomState(0)
+    toks = rng.randint(0, 64, (8, 33)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((8, 32), np.float32)}
+    batch = sharding.make_global_batch(batch, cs.mesh, cs.rules)
+    before = jax.tree.map(np.asarray, state.params)
+    history, after_first = [], None
+    for i in range(12):
+        state, m = cs.train(state, batch)
+        history.append((float(m["skipped"]), float(m["loss_scale"]), float(m["loss"])))
+        if i == 0:
+            after_first = jax.tree.map(np.asarray, state.params)
+    skipped = [h[0] for h in history]
+    scales = [h[1] for h in history]
+    # The overflowing first step changed nothing but the scale (lowered by the factor).
+    assert skipped[0] == 1.0 and scales[0] == pytest.approx(1e24, rel=1e-3)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after_first), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The scale keeps falling by the factor until a step is finite...
+    first_ok = skipped.index(0.0)
+    assert all(s == 1.0 for s in skipped[:first_ok])
+    for i in range(1, first_ok):
+        assert scales[i] == pytest.approx(scales[i - 1] / 1e6, rel=1e-3)
+    # ...then regrows by the factor after growth_interval=3 finite steps.
+    assert skipped[first_ok : first_ok + 3] == [0.0, 0.0, 0.0]
+    assert scales[first_ok + 2] == pytest.approx(scales[first_ok - 1] * 1e6, rel=1e-3)
+    good = [h[2] for h in history if h[0] == 0.0]
+    assert len(good) >= 4 and good[-1] < good[0]  # finite steps really trained
+
+
+def test_grad_accumulation_equals_full_batch():
+    def run(extra):
+        cfg = load_config(None, SMALL + ["mesh.data=1"] + extra)
+        model = build_model(cfg.model)
+        tx = optim.make_optimizer(cfg.optim, 10)
+        cs = step.compile_steps(model, tx, cfg, optim.make_schedule(cfg.optim, 10),
+                                sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+        state = cs.init()
+        toks = np.random.RandomState(1).randint(0, 64, (8, 33)).astype(np.int32)
+        weights = np.ones((8, 32), np.float32)
+        weights[3, 10:] = 0  # uneven token counts per micro-batch
+        b = sharding.make_global_batch(
+            {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": weights}, cs.mesh, cs.rules
+        )
+        for _ in range(2):
+            state, m = cs.train(state, b)
+        return float(m["loss"]), jax.tree.map(np.asarray, state.params)
+
+    loss1, p1 = run([])
+    loss4, p4 = run(["train.grad_accum=4"])
+    assert loss1 == pytest.approx(loss4, rel=1e-5)
+    assert max(_rel(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True)) < 1e-5
+
+
+def test_bf16_policy_keeps_fp32_params_and_logits():
+    cfg = load_config(None, SMALL + ["precision=bf16"])
+    model = build_model(cfg.model, get_policy("bf16"))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    logits = model.apply(variables, jnp.zeros((1, 8), jnp.int32))
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    assert logits.dtype == jnp.float32
