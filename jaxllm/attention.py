@@ -118,7 +118,9 @@ class Projection(nn.Module):
         y = dot_general(x, kernel, (contract, ((), ())))
         if self.use_bias:
             bias = self.param(
-                "bias", partitioned(nn.initializers.zeros, *self.out_axes), self.features,
+                "bias",
+                partitioned(nn.initializers.zeros, *self.out_axes),
+                self.features,
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
@@ -201,9 +203,7 @@ class Attention(nn.Module):
         is_initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        cached_prefix = self.variable(
-            "cache", "cached_prefix", jnp.zeros, k.shape[:2], jnp.bool_
-        )
+        cached_prefix = self.variable("cache", "cached_prefix", jnp.zeros, k.shape[:2], jnp.bool_)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only allocates the cache
             kv_pos = positions

@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    p = add("train", "Train a model from a YAML config; rerunning resumes from the latest checkpoint.")
+    p = add(
+        "train", "Train a model from a YAML config; rerunning resumes from the latest checkpoint."
+    )
     p.add_argument("config", help="YAML config, e.g. configs/lm_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--workdir", required=True, help="output directory (config, logs, checkpoints)")
@@ -74,7 +76,9 @@ def _workdir_config(workdir: str, overrides: list[str]) -> Any:
 
     path = os.path.join(workdir, "config.yaml")
     if not os.path.exists(path):
-        raise UserError(f"'{workdir}' has no config.yaml; run `jaxllm train ... --workdir {workdir}`")
+        raise UserError(
+            f"'{workdir}' has no config.yaml; run `jaxllm train ... --workdir {workdir}`"
+        )
     cfg = load_config(path, overrides)
     tokenizer = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(tokenizer):
@@ -113,8 +117,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with open(os.path.join(args.workdir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     width = max(len(k) for k in result)
-    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                    for k, v in result.items()))
+    print(
+        "\n".join(
+            f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+            for k, v in result.items()
+        )
+    )
     return 0
 
 
@@ -132,7 +140,9 @@ def parse_generate_options(options: list[str]) -> dict[str, Any]:
         try:
             parsed[key] = GENERATE_OPTIONS[key](value)
         except (TypeError, ValueError) as e:
-            raise UserError(f"generate option {key}={value!r} must be {GENERATE_OPTIONS[key].__name__}") from e
+            raise UserError(
+                f"generate option {key}={value!r} must be {GENERATE_OPTIONS[key].__name__}"
+            ) from e
     return parsed
 
 
@@ -146,7 +156,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _workdir_config(args.workdir, [])
     session, params, _ = _restore_params(args.workdir, cfg)
     tok = session.tokenizer
-    prompt = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id >= 0 else tok.encode(args.prompt)
+    # Training streams put EOS between documents, so EOS + prompt reads as a new document.
+    prompt = [tok.eos_id, *tok.encode(args.prompt)]
     new = generate(
         cfg.model,
         params,
@@ -157,7 +168,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )[0].tolist()
     if tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]
-    print(args.prompt + tok.decode(new))
+    # Decode prompt and continuation together: SentencePiece drops a leading space when a
+    # piece is decoded on its own, which would glue the first new word to the prompt.
+    print(tok.decode(prompt[1:] + new))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +203,17 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+# Which Python values a scalar field accepts (bool is an int subclass: excluded on purpose).
+_SCALARS = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Checks `value` against type `tp`; converts ints to floats where a float is wanted."""
     origin = typing.get_origin(tp)
@@ -224,18 +236,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
+    elif tp in _SCALARS and _SCALARS[tp](value):
+        return float(value) if tp is float else value
     raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 

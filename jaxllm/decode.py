@@ -57,7 +57,17 @@ def _next_token(logits, rng, strategy, temperature, top_k, top_p):
     jax.jit, static_argnames=("model", "max_new_tokens", "cache_len", "strategy", "top_k")
 )
 def _generate(
-    model, params, prompt, rng, temperature, top_p, eos_id, *, max_new_tokens, cache_len, strategy,
+    model,
+    params,
+    prompt,
+    rng,
+    temperature,
+    top_p,
+    eos_id,
+    *,
+    max_new_tokens,
+    cache_len,
+    strategy,
     top_k,
 ):
     batch, prompt_len = prompt.shape

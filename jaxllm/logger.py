@@ -29,7 +29,8 @@ class MetricsLogger:
         self.primary = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb_dir = os.path.join(workdir, "tensorboard")
-        self._file = open(self.path, "a", encoding="utf-8") if self.primary else None
+        # Held open for the whole run (closed in close()); appends survive a restart.
+        self._file = open(self.path, "a", encoding="utf-8") if self.primary else None  # noqa: SIM115
         self._tb = None
         if tensorboard and self.primary:
             from tensorboardX import SummaryWriter

@@ -91,7 +91,6 @@ def make_train_step(
 ) -> Callable:
     """Builds the (unjitted) train step: grads over micro-batches, loss scale, update."""
     loss_fn = make_loss_fn(model, cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n_micro = cfg.train.grad_accum
     ls_cfg = cfg.loss_scale
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
@@ -188,7 +187,9 @@ def compile_steps(
         opt_shapes = jax.eval_shape(tx.init, param_shapes)
         opt_sh = sharding.opt_state_shardings(tx, opt_shapes, param_shapes, param_sh, mesh)
         repl = sharding.replicated(mesh)
-        ls_shapes = jax.eval_shape(lambda: precision.init_loss_scale(cfg.loss_scale, use_loss_scale))
+        ls_shapes = jax.eval_shape(
+            lambda: precision.init_loss_scale(cfg.loss_scale, use_loss_scale)
+        )
         state_sh = TrainState(
             step=repl,
             params=param_sh,

@@ -213,7 +213,7 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
         final_loss=summary.get("loss"),
         **{f"eval_{k}": v for k, v in final_eval.items()},
     )
-    summary["state"] = state
+    summary["state"], summary["session"] = state, session
     return summary
 
 

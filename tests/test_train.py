@@ -40,20 +40,30 @@ def _metrics(workdir):
 
 
 def _rel(a, b):
-    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / max(np.linalg.norm(np.ravel(a)), 1e-12))
+    return float(
+        np.linalg.norm(np.ravel(a) - np.ravel(b)) / max(np.linalg.norm(np.ravel(a)), 1e-12)
+    )
 
 
 def test_lm_tiny_loss_drops_on_embedded_corpus(tmp_path):
     cfg = load_config(
         "configs/lm_tiny.yaml",
-        ["train.steps=60", "train.eval_every=0", "train.log_every=10", "train.progress_bar=false",
-         "train.checkpoint_every=0", "train.eval_batches=4"],
+        [
+            "train.steps=60",
+            "train.eval_every=0",
+            "train.log_every=10",
+            "train.progress_bar=false",
+            "train.checkpoint_every=0",
+            "train.eval_batches=4",
+        ],
     )
     summary = train(cfg, str(tmp_path), devices=jax.devices()[:1])
     records = [r for r in _metrics(str(tmp_path)) if "loss" in r]
     first, last = records[0]["loss"], records[-1]["loss"]
-    print(f"lm_tiny 60 steps: train loss {first:.3f} -> {last:.3f}, "
-          f"eval loss {summary['eval_loss']:.3f} (ppl {summary['eval_perplexity']:.1f})")
+    print(
+        f"lm_tiny 60 steps: train loss {first:.3f} -> {last:.3f}, "
+        f"eval loss {summary['eval_loss']:.3f} (ppl {summary['eval_perplexity']:.1f})"
+    )
     # An untrained model is near uniform: ln(4096) = 8.32 nats. Measured on this corpus
     # (2 cores): train 7.61 at step 10 -> 6.32 at step 60, eval 6.3.
     uniform = float(np.log(4096))
@@ -115,12 +125,21 @@ def test_fp16_loss_scale_recovers_from_injected_overflow():
     )
     model = build_model(cfg.model, get_policy(cfg.precision))
     tx = optim.make_optimizer(cfg.optim, 50)
-    cs = step.compile_steps(model, tx, cfg, optim.make_schedule(cfg.optim, 50),
-                            sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    cs = step.compile_steps(
+        model,
+        tx,
+        cfg,
+        optim.make_schedule(cfg.optim, 50),
+        sharding.make_mesh(cfg.mesh, jax.devices()[:1]),
+    )
     state = cs.init()
     rng = np.random.RandomState(0)
     toks = rng.randint(0, 64, (8, 33)).astype(np.int32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((8, 32), np.float32)}
+    batch = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "weights": np.ones((8, 32), np.float32),
+    }
     batch = sharding.make_global_batch(batch, cs.mesh, cs.rules)
     before = jax.tree.map(np.asarray, state.params)
     history, after_first = [], None
@@ -152,8 +171,13 @@ def test_grad_accumulation_equals_full_batch():
         cfg = load_config(None, SMALL + ["mesh.data=1"] + extra)
         model = build_model(cfg.model)
         tx = optim.make_optimizer(cfg.optim, 10)
-        cs = step.compile_steps(model, tx, cfg, optim.make_schedule(cfg.optim, 10),
-                                sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+        cs = step.compile_steps(
+            model,
+            tx,
+            cfg,
+            optim.make_schedule(cfg.optim, 10),
+            sharding.make_mesh(cfg.mesh, jax.devices()[:1]),
+        )
         state = cs.init()
         toks = np.random.RandomState(1).randint(0, 64, (8, 33)).astype(np.int32)
         weights = np.ones((8, 32), np.float32)
@@ -168,7 +192,10 @@ def test_grad_accumulation_equals_full_batch():
     loss1, p1 = run([])
     loss4, p4 = run(["train.grad_accum=4"])
     assert loss1 == pytest.approx(loss4, rel=1e-5)
-    assert max(_rel(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True)) < 1e-5
+    assert (
+        max(_rel(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True))
+        < 1e-5
+    )
 
 
 def test_bf16_policy_keeps_fp32_params_and_logits():
