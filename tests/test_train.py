@@ -205,3 +205,28 @@ def test_bf16_policy_keeps_fp32_params_and_logits():
     logits = model.apply(variables, jnp.zeros((1, 8), jnp.int32))
     assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
     assert logits.dtype == jnp.float32
+
+
+def test_init_from_starts_at_the_source_parameters(tmp_path):
+    source = str(tmp_path / "source")
+    cfg = load_config(None, SMALL + ["mesh.data=1", "train.steps=2"])
+    trained = host_params(train(cfg, source, devices=jax.devices()[:1])["state"])
+    # With lr 0 the one step of the new run cannot move the weights: what it ends with is
+    # exactly what it started from.
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            "mesh.data=1",
+            "train.steps=1",
+            "optim.lr=0",
+            "optim.schedule=constant",
+            "optim.warmup_steps=0",
+            f"init_from={source}",
+        ],
+    )
+    started = host_params(
+        train(cfg, str(tmp_path / "finetune"), devices=jax.devices()[:1])["state"]
+    )
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(started), strict=True):
+        np.testing.assert_array_equal(a, b)
