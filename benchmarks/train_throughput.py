@@ -391,9 +391,9 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per model")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (incl. compile)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (incl. compile)")
     p.add_argument("--configs", default="tiny,gpt15m", help=f"comma list of {list(CONFIGS)}")
     p.add_argument("--skip-hf", action="store_true", help="jaxllm only")
     p.add_argument("--seed", type=int, default=0, help="synthetic-data seed")

@@ -154,6 +154,9 @@ class DataConfig:
     tokenizer: str = ""  # "" = train a SentencePiece model on the corpus and cache it
     train_split: str = "train"
     eval_split: str = "validation"
+    # Canonical field -> dataset field, e.g. {text: sentence, label: label} for tfds:glue/sst2
+    # or {source: en, target: de} for a translation set. Empty = the source's defaults.
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
