@@ -9,6 +9,8 @@ on commit, so a half-written checkpoint is never listed as a step.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -16,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxllm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -43,12 +47,32 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
-        """Starts a (possibly asynchronous) save; returns whether one was started."""
+        """Starts a (possibly asynchronous) save; returns whether one was started.
+
+        Orbax writes into a temporary directory and renames it when complete, so a
+        failed or interrupted save leaves the previous checkpoints as they were.
+        """
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
         )
-        return self.manager.save(step, args=args, force=force)
+        with self._io_errors(step):
+            return self.manager.save(step, args=args, force=force)
+
+    @contextlib.contextmanager
+    def _io_errors(self, step: int | None):
+        # An async save reports its failure at the next save or wait: same message.
+        try:
+            yield
+        except OSError as e:
+            previous = [s for s in self.manager.all_steps() if s != step]
+            kept = f"step {max(previous)} is intact" if previous else "none was complete"
+            raise UserError(
+                f"writing checkpoint {'step ' + str(step) if step is not None else ''} "
+                f"to '{self.directory}' failed "
+                f"({e.strerror or e}); the previous checkpoint ({kept}); free disk space "
+                "or fix permissions, then rerun the same command to resume"
+            ) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores `step` (default: latest) onto the shardings inside `abstract_state`."""
@@ -63,6 +87,50 @@ class Checkpointer:
             ),
         )
         return restored["state"], dict(restored["data"] or {}), step
+
+    def restore_latest_valid(self, abstract_state: Any) -> tuple[Any, dict, int]:
+        """Restores the newest checkpoint that reads back; unreadable newer ones are set aside.
+
+        A truncated or partly deleted checkpoint raises on read (orbax, tensorstore and
+        the OS raise many different types, hence the broad catch). It is renamed to
+        `<step>.corrupt-<n>`, never deleted, so a later save of that step can proceed.
+        If *no* step reads, the likeliest cause is a config that does not match the
+        checkpoints: nothing is renamed and the first error is reported.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors: list[tuple[int, Exception]] = []
+        for step in steps:
+            try:
+                restored = self.restore(abstract_state, step)
+            except Exception as e:  # noqa: BLE001 - see docstring
+                log.warning("checkpoint step %d is unreadable (%s); trying an older one", step, e)
+                errors.append((step, e))
+                continue
+            for bad, err in errors:
+                self._set_aside(bad, err)
+            return restored
+        first = errors[0][1] if errors else None
+        raise UserError(
+            f"no checkpoint in '{self.directory}' matches this config "
+            f"({type(first).__name__}: {str(first).splitlines()[0][:200] if first else ''}); "
+            "use the config that wrote them or a fresh --workdir"
+        )
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            n = 0
+            while os.path.exists(f"{src}.corrupt-{n}"):
+                n += 1
+            os.rename(src, f"{src}.corrupt-{n}")
+            log.warning(
+                "moved unreadable checkpoint %s to %s.corrupt-%d (kept, not deleted): %s",
+                src,
+                src,
+                n,
+                type(error).__name__,
+            )
+        self.manager.reload()
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
         """Restores only the parameters (for eval, generate, init_from)."""
@@ -86,8 +154,9 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has committed."""
-        self.manager.wait_until_finished()
+        with self._io_errors(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

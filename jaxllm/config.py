@@ -97,6 +97,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     z_loss: float = 0.0
+    max_nonfinite_steps: int = 20  # stop after this many NaN/Inf steps in a row
+    preflight_disk: bool = True  # refuse to start if the disk cannot hold two checkpoints
 
 
 @dataclass
@@ -145,6 +147,25 @@ class MeshConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Train-split text noise (`jaxllm.data.augment`); 0 everywhere = off.
+
+    `prob` is the chance that an example is augmented at all; the other rates are
+    per character (char_*) or per word (word_*, synonym) within an augmented example.
+    """
+
+    prob: float = 0.0
+    char_delete: float = 0.0
+    char_insert: float = 0.0
+    char_swap: float = 0.0
+    word_dropout: float = 0.0
+    word_swap: float = 0.0
+    synonym: float = 0.0
+    back_translate: float = 0.0  # translate: share of sources replaced by a reverse model
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     """Where text comes from and how it becomes token windows."""
 
@@ -157,6 +178,16 @@ class DataConfig:
     # Canonical field -> dataset field, e.g. {text: sentence, label: label} for tfds:glue/sst2
     # or {source: en, target: de} for a translation set. Empty = the source's defaults.
     fields: dict[str, Any] = field(default_factory=dict)
+    # False: lm cuts the token stream into fixed windows; other tasks put one example
+    # per row. True: examples are first-fit packed into rows with segment ids.
+    pack: bool = False
+    length_policy: str = field(default="truncate", metadata=_choices("truncate", "drop", "split"))
+    max_source_len: int = 0  # prefix tokens incl. separator (0 = derived from seq_len)
+    max_target_len: int = 0  # target tokens incl. EOS (0 = derived from seq_len)
+    history_turns: int = 3  # dialogue: last N turns of history in the prefix (0 = all)
+    tokenizer_type: str = field(default="bpe", metadata=_choices("bpe", "unigram"))
+    user_symbols: list[str] = field(default_factory=lambda: ["<sep>", "<turn>"])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -332,6 +363,24 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+def _validate_data(d: DataConfig) -> None:
+    for key in ("max_source_len", "max_target_len", "history_turns"):
+        if getattr(d, key) < 0:
+            raise UserError(f"config key 'data.{key}' must be >= 0, got {getattr(d, key)}")
+    for f in dataclasses.fields(AugmentConfig):
+        value = getattr(d.augment, f.name)
+        if f.name != "seed" and not 0.0 <= value <= 1.0:
+            raise UserError(f"config key 'data.augment.{f.name}' must be in [0, 1], got {value}")
+    for sym in d.user_symbols:
+        if not sym or sym != sym.strip():
+            raise UserError(
+                f"data.user_symbols entry {sym!r} must be a non-empty token without "
+                "surrounding whitespace, e.g. <sep>"
+            )
+    if len(set(d.user_symbols)) != len(d.user_symbols):
+        raise UserError(f"data.user_symbols has duplicates: {d.user_symbols}; list each once")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-key types cannot express."""
     m, t = cfg.model, cfg.train
@@ -373,6 +422,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    _validate_data(cfg.data)
     if len(cfg.optim.boundaries) != len(cfg.optim.factors):
         raise UserError("optim.boundaries and optim.factors must have the same length")
     for logical, target in cfg.mesh.rules.items():

@@ -33,6 +33,10 @@ class TrainState:
     params: Any
     opt_state: Any
     loss_scale: Any
+    # Non-finite steps (NaN/Inf loss or gradients) are skipped, not applied: these count
+    # the current run of them and all of them, so the loop can stop a diverged run.
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
 
 
 @dataclasses.dataclass
@@ -126,7 +130,11 @@ def make_train_step(
                 body, (zeros, zero_sums), (_split_micro(batch, n_micro), jnp.arange(n_micro))
             )
         grads = precision.unscale(state.loss_scale, grads)
-        finite = precision.all_finite(grads)
+        finite = precision.all_finite(grads) & jnp.isfinite(sums["loss_sum"])
+        # An fp16 overflow is the loss scale's business (lowered, step retried); only a
+        # non-finite step that scaling cannot explain counts toward divergence.
+        scale_can_fall = state.loss_scale.enabled & (state.loss_scale.scale > 1.0)
+        diverged = ~finite & (~jnp.isfinite(sums["loss_sum"]) | ~scale_can_fall)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # An overflowing fp16 step changes nothing but the loss scale.
@@ -137,6 +145,8 @@ def make_train_step(
             params=new_params,
             opt_state=new_opt,
             loss_scale=precision.update_loss_scale(state.loss_scale, finite, ls_cfg),
+            nonfinite_streak=jnp.where(diverged, state.nonfinite_streak + 1, 0),
+            nonfinite_total=state.nonfinite_total + diverged.astype(jnp.int32),
         )
         metrics = {
             "loss": sums["ce_sum"] / total_weight,
@@ -146,6 +156,8 @@ def make_train_step(
             "accuracy": sums["correct_sum"] / total_weight,
             "loss_scale": new_state.loss_scale.scale,
             "skipped": 1.0 - finite.astype(jnp.float32),
+            "nonfinite_streak": new_state.nonfinite_streak,
+            "nonfinite_total": new_state.nonfinite_total,
         }
         return new_state, metrics
 
@@ -195,6 +207,8 @@ def compile_steps(
             params=param_sh,
             opt_state=opt_sh,
             loss_scale=jax.tree.map(lambda _: repl, ls_shapes),
+            nonfinite_streak=repl,
+            nonfinite_total=repl,
         )
 
     def create_state():
@@ -204,6 +218,8 @@ def compile_steps(
             params=params,
             opt_state=tx.init(params),
             loss_scale=precision.init_loss_scale(cfg.loss_scale, use_loss_scale),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
         )
 
     abstract = jax.eval_shape(create_state)

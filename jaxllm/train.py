@@ -7,6 +7,7 @@ interrupted run ends at the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxllm import data, flops, optim, sharding
+from jaxllm import data, flops, guards, optim, sharding
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config, save_config
 from jaxllm.errors import UserError
@@ -110,13 +111,7 @@ def evaluate(session: Session, params: Any, max_batches: int | None = None) -> d
 def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
     cfg, cs, ckpt = session.cfg, session.steps, session.checkpointer
     if ckpt is not None and ckpt.latest_step() is not None:
-        try:
-            state, data_state, step = ckpt.restore(cs.abstract_state)
-        except (ValueError, KeyError) as e:
-            raise UserError(
-                f"checkpoint in '{ckpt.directory}' does not match this config ({e}); "
-                "use a fresh --workdir or the config that wrote it"
-            ) from e
+        state, data_state, step = ckpt.restore_latest_valid(cs.abstract_state)
         log.info("resumed from step %d", step)
         return state, data_state, step
     state = cs.init()
@@ -127,81 +122,141 @@ def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
     return state, {}, 0
 
 
-def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
-    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}); pick another") from e
-    session = build_session(cfg, workdir, devices)
+class _Throughput:
+    """Tokens/s and MFU over the steps since the last log line (the compile excluded)."""
+
+    def __init__(self, cfg: Config):
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
+        dtype = "fp32" if cfg.precision == "fp32" else "bf16"
+        self.peak = flops.peak_flops_per_second(jax.devices(), dtype)
+        self.start, self.steps = None, 0
+
+    def step_done(self, metrics: Any) -> None:
+        if self.start is None:
+            # The first call compiles: start the clock once it has finished.
+            jax.block_until_ready(metrics)
+            self.start = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def read_and_reset(self) -> tuple[float, float]:
+        elapsed = time.perf_counter() - self.start
+        tps = self.steps * self.tokens_per_step / elapsed if self.steps else float("nan")
+        mfu = flops.mfu(tps, self.flops_per_token, self.peak) if self.steps else float("nan")
+        self.start, self.steps = time.perf_counter(), 0
+        return tps, mfu
+
+
+def _log_record(cfg: Config, metrics: Any, throughput: _Throughput) -> dict[str, float]:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    tps, mfu = throughput.read_and_reset()
+    record = {
+        "loss": host["loss"],
+        "perplexity": math.exp(min(host["loss"], 50.0)),
+        "lr": host["lr"],
+        "grad_norm": host["grad_norm"],
+        "accuracy": host["accuracy"],
+        "tokens_per_sec": tps,
+        "mfu": mfu,
+        "nonfinite_steps": host["nonfinite_total"],
+    }
+    if cfg.precision == "fp16":
+        record.update(loss_scale=host["loss_scale"], skipped=host["skipped"])
+    return record
+
+
+def _prepare_workdir(cfg: Config, session: Session, workdir: str) -> None:
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
         # The workdir carries its tokenizer, so eval/generate never depend on the data cache.
         copy = os.path.join(workdir, "tokenizer.model")
         if os.path.abspath(session.tokenizer.path) != os.path.abspath(copy):
             shutil.copyfile(session.tokenizer.path, copy)
+
+
+@contextlib.contextmanager
+def _finish_saves_on_error(ckpt: Checkpointer | None):
+    # A run that stops on an error still lets a checkpoint already being written commit.
+    try:
+        yield
+    except BaseException:
+        if ckpt is not None:
+            with contextlib.suppress(Exception):
+                ckpt.wait()
+        raise
+
+
+def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary.
+
+    The summary has `preempted: True` when a SIGTERM stopped the run early (after a
+    checkpoint was saved); rerunning the same command then resumes.
+    """
+    guards.preflight_workdir(workdir)
+    session = build_session(cfg, workdir, devices)
     cs, ckpt, tc = session.steps, session.checkpointer, cfg.train
+    if tc.preflight_disk:
+        guards.preflight_disk(workdir, cs.abstract_state, tc.keep_checkpoints)
+    _prepare_workdir(cfg, session, workdir)
     state, data_state, start = _restore_or_init(session)
     it = _iterator(session, cfg.data.train_split, train=True)
     if data_state:
         it.set_state(data_state)
 
     logger = MetricsLogger(workdir, tensorboard=tc.tensorboard)
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = flops.peak_flops_per_second(jax.devices(), "bf16" if cfg.precision != "fp32" else "fp32")
-    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    throughput = _Throughput(cfg)
     bar = tqdm(
         total=tc.steps,
         initial=start,
         disable=not (tc.progress_bar and jax.process_index() == 0),
         dynamic_ncols=True,
     )
-    summary: dict[str, Any] = {"start_step": start}
-    window_start, window_steps, first_loss, metrics = None, 0, None, None
-    for step in range(start, tc.steps):
-        batch = sharding.make_global_batch(next(it), cs.mesh, cs.rules)
-        state, metrics = cs.train(state, batch)
-        done = step + 1
-        if window_start is None:
-            # The first call compiles: start the throughput clock after it finishes.
-            jax.block_until_ready(metrics)
-            window_start, window_steps = time.perf_counter(), 0
-        else:
-            window_steps += 1
-        bar.update(1)
-        if done % tc.log_every == 0 or done == tc.steps:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            tps = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
-            record = {
-                "loss": host["loss"],
-                "perplexity": math.exp(min(host["loss"], 50.0)),
-                "lr": host["lr"],
-                "grad_norm": host["grad_norm"],
-                "accuracy": host["accuracy"],
-                "tokens_per_sec": tps,
-                "mfu": flops.mfu(tps, flops_per_token, peak) if window_steps else float("nan"),
-            }
-            if cfg.precision == "fp16":
-                record.update(loss_scale=host["loss_scale"], skipped=host["skipped"])
-            if first_loss is None:
-                first_loss = host["loss"]
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                record.update({f"eval_{k}": v for k, v in evaluate(session, state.params).items()})
-            logger.write(done, record)
-            bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{tps:.0f}")
-            summary.update(record)
-            window_start, window_steps = time.perf_counter(), 0
-        if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
-            ckpt.save(done, state, it.get_state())
+    summary: dict[str, Any] = {"start_step": start, "preempted": False}
+    first_loss, previous = None, None
+    done = start
+    with guards.PreemptionWatcher() as preemption, _finish_saves_on_error(ckpt):
+        for step in range(start, tc.steps):
+            batch = sharding.make_global_batch(next(it), cs.mesh, cs.rules)
+            state, metrics = cs.train(state, batch)
+            done = step + 1
+            throughput.step_done(metrics)
+            bar.update(1)
+            if previous is not None:  # one step late: the device keeps working meanwhile
+                guards.check_divergence(
+                    *previous, tc.max_nonfinite_steps, ckpt and ckpt.latest_step()
+                )
+            previous = (metrics, done)
+            if done % tc.log_every == 0 or done == tc.steps:
+                record = _log_record(cfg, metrics, throughput)
+                first_loss = record["loss"] if first_loss is None else first_loss
+                if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                    evals = evaluate(session, state.params)
+                    record.update({f"eval_{k}": v for k, v in evals.items()})
+                logger.write(done, record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
+                )
+                summary.update(record)
+            if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                ckpt.save(done, state, it.get_state())
+            if preemption.requested:
+                break
+        if previous is not None:
+            guards.check_divergence(*previous, tc.max_nonfinite_steps, ckpt and ckpt.latest_step())
     bar.close()
 
-    if ckpt is not None and ckpt.latest_step() != tc.steps:
-        ckpt.save(tc.steps, state, it.get_state(), force=True)
+    if ckpt is not None and ckpt.latest_step() != done:
+        ckpt.save(done, state, it.get_state(), force=True)
+    if preemption.requested:
+        if ckpt is not None:
+            ckpt.close()
+        logger.close()
+        log.warning(
+            "preempted: checkpoint of step %d saved; rerun the same command to resume", done
+        )
+        summary.update(preempted=True, steps=done, state=state, session=session)
+        return summary
     final_eval = evaluate(session, state.params)
     logger.write(tc.steps, {f"eval_{k}": v for k, v in final_eval.items()})
     logger.close()

@@ -54,14 +54,15 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def stable_split(key: str) -> str:
-    """Assigns a document to a split by a stable hash of its key (90/5/5 %).
+def stable_split(key: str, eval_percent: int = 5) -> str:
+    """Assigns a document to a split by a stable hash of its key (90/5/5 % by default).
 
     The same rule splits local text files (keyed by a hash of the text), so a
     document lands in the same split on every machine, run and process.
 
     Args:
       key: A document id.
+      eval_percent: Percent of keys for each of ``validation`` and ``test``.
 
     Returns:
       ``"train"``, ``"validation"`` or ``"test"``.
@@ -69,9 +70,9 @@ def stable_split(key: str) -> str:
     bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
     # 5 % rather than 1-2 %: the corpus is small (~0.75M tokens), and an eval of a
     # few thousand tokens would be too noisy to compare runs by.
-    if bucket < 5:
+    if bucket < eval_percent:
         return "test"
-    if bucket < 10:
+    if bucket < 2 * eval_percent:
         return "validation"
     return "train"
 

@@ -1,14 +1,21 @@
 """SentencePiece tokenizer: a thin wrapper with fixed special ids, and on-the-fly training.
 
 Every jaxllm tokenizer uses ``pad=0, unk=1, bos=2, eos=3`` so that batches can be
-zero-padded and models can be swapped between corpora. Training is BPE with
-byte fallback (any Unicode text round-trips, never ``<unk>``), an identity
-normaliser (text comes back exactly as it went in, indentation included) and a
-single ``"\\n"`` piece, because documents are encoded whole, newlines and all.
+zero-padded and models can be swapped between corpora. Training is BPE (default)
+or unigram with byte fallback (any Unicode text round-trips, never ``<unk>``), an
+identity normaliser (text comes back exactly as it went in, indentation
+included) and a single ``"\\n"`` piece, because documents are encoded whole,
+newlines and all. Task tokens (``<sep>``, ``<turn>``, ...) are user-defined
+symbols: always one piece each, right after ``"\\n"`` (ids 5, 6, ...).
+
+:func:`cached_tokenizer` names a trained model by a hash of its training text
+and settings, so a changed corpus or setting never reuses a stale model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -29,6 +36,10 @@ _MAX_SENTENCE_BYTES = 4192
 _MAX_SENTENCES = 500_000
 # 4 specials + "\n" + 256 byte pieces, plus room for at least a few merges.
 _MIN_VOCAB = 320
+_MODEL_TYPES = ("bpe", "unigram")
+# Part of every cache key: bump it when the trainer settings below change, so that
+# models trained by an older recipe are not picked up from a cache.
+_RECIPE_VERSION = "jaxllm-sp/2"
 
 
 class Tokenizer:
@@ -78,6 +89,11 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
+
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a whole piece such as ``"<sep>"``, or None if the vocabulary lacks it."""
+        i = self._sp.piece_to_id(piece)
+        return i if i != UNK_ID or piece == self._sp.id_to_piece(UNK_ID) else None
 
     def __reduce__(self):  # picklable (grain workers, multiprocessing) by path
         return (Tokenizer, (self.path,))
@@ -139,8 +155,32 @@ def _sentences(texts: Iterable[str]) -> list[str]:
     return out
 
 
+def _check_settings(vocab_size: int, model_type: str, user_symbols: Sequence[str]) -> list[str]:
+    """Validates training settings; returns the user symbols with "\\n" first."""
+    if model_type not in _MODEL_TYPES:
+        raise UserError(
+            f"tokenizer type '{model_type}' is not supported; set data.tokenizer_type to "
+            f"one of {', '.join(_MODEL_TYPES)}"
+        )
+    symbols = ["\n", *[s for s in user_symbols if s != "\n"]]
+    if len(set(symbols)) != len(symbols) or not all(symbols):
+        raise UserError(f"user symbols {list(user_symbols)} must be distinct, non-empty strings")
+    if vocab_size < _MIN_VOCAB + len(symbols) - 1:
+        extra = f" with {len(symbols) - 1} task symbols" if len(symbols) > 1 else ""
+        raise UserError(
+            f"vocab size {vocab_size} is too small for a byte-fallback tokenizer{extra}; "
+            f"set model.vocab_size to at least {_MIN_VOCAB + len(symbols) - 1}"
+        )
+    return symbols
+
+
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, path: str, *, model_type: str = "bpe"
+    texts: Iterable[str],
+    vocab_size: int,
+    path: str,
+    *,
+    model_type: str = "bpe",
+    user_symbols: Sequence[str] = (),
 ) -> Tokenizer:
     """Trains a byte-fallback SentencePiece model and saves it atomically to `path`.
 
@@ -153,18 +193,16 @@ def train_tokenizer(
       vocab_size: Wanted number of pieces, including specials and the 256 bytes.
       path: Where to write the ``.model`` file (parent folders are created).
       model_type: ``"bpe"`` (default) or ``"unigram"``.
+      user_symbols: Task tokens (e.g. ``["<sep>", "<turn>"]``), each kept as one piece
+        with ids right after ``"\\n"`` (5, 6, ... in the given order).
 
     Returns:
       The trained tokenizer, loaded from `path`.
 
     Raises:
-      UserError: If `vocab_size` is too small or there is no text.
+      UserError: If a setting is invalid, `vocab_size` is too small or there is no text.
     """
-    if vocab_size < _MIN_VOCAB:
-        raise UserError(
-            f"vocab size {vocab_size} is too small for a byte-fallback tokenizer; "
-            f"set model.vocab_size to at least {_MIN_VOCAB}"
-        )
+    symbols = _check_settings(vocab_size, model_type, user_symbols)
     sentences = _sentences(texts)
     if not sentences:
         raise UserError("no text to train a tokenizer on; check data.source holds text")
@@ -182,7 +220,7 @@ def train_tokenizer(
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            user_defined_symbols=["\n"],
+            user_defined_symbols=symbols,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
@@ -211,3 +249,87 @@ def train_tokenizer(
             os.unlink(tmp)
         raise
     return Tokenizer(path)
+
+
+def tokenizer_cache_key(
+    texts: Sequence[str],
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    user_symbols: Sequence[str] = (),
+) -> str:
+    """A short hash of everything a trained model depends on: text and settings.
+
+    Args:
+      texts: The training documents, in order (the order is part of the key).
+      vocab_size: Wanted number of pieces.
+      model_type: ``"bpe"`` or ``"unigram"``.
+      user_symbols: Task tokens.
+
+    Returns:
+      16 hex digits.
+    """
+    h = hashlib.sha256()
+    settings = [_RECIPE_VERSION, vocab_size, model_type, list(user_symbols)]
+    h.update(repr(settings).encode())
+    for text in texts:
+        data = text.encode("utf-8")
+        # Length-prefixed, so ["ab", "c"] and ["a", "bc"] hash differently.
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # held across processes sharing the cache dir
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_tokenizer(
+    texts: Sequence[str],
+    vocab_size: int,
+    cache_dir: str,
+    *,
+    name: str,
+    model_type: str = "bpe",
+    user_symbols: Sequence[str] = (),
+) -> Tokenizer:
+    """Loads the model trained on exactly these texts and settings, training it once.
+
+    The file is ``<cache_dir>/<name>_<model_type><vocab_size>_<key>.model`` with
+    ``key = tokenizer_cache_key(...)``. Processes starting together on one cache
+    dir train it once (a lock file guards the check-then-train).
+
+    Args:
+      texts: Training documents (usually the train split).
+      vocab_size: Wanted number of pieces.
+      cache_dir: Folder of cached models (created if missing).
+      name: Readable prefix of the file name, e.g. the corpus slug.
+      model_type: ``"bpe"`` or ``"unigram"``.
+      user_symbols: Task tokens.
+
+    Returns:
+      The tokenizer.
+
+    Raises:
+      UserError: As :func:`train_tokenizer`.
+    """
+    _check_settings(vocab_size, model_type, user_symbols)
+    key = tokenizer_cache_key(
+        texts, vocab_size, model_type=model_type, user_symbols=user_symbols
+    )
+    path = os.path.join(
+        os.path.abspath(os.path.expanduser(cache_dir)), f"{name}_{model_type}{vocab_size}_{key}.model"
+    )
+    with _lock(os.path.join(os.path.dirname(path), ".locks", f"{name}.lock")):
+        if os.path.isfile(path):
+            return load_tokenizer(path)
+        return train_tokenizer(
+            texts, vocab_size, path, model_type=model_type, user_symbols=user_symbols
+        )
