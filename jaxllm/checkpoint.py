@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -20,6 +21,18 @@ import orbax.checkpoint as ocp
 from jaxllm.errors import UserError
 
 log = logging.getLogger(__name__)
+# How tensorstore/orbax spell an I/O failure in the errors they raise.
+_IO_ERROR = re.compile(r"RESOURCE_EXHAUSTED|No space left|Permission denied|os_error_code")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for reason in ("No space left on device", "Permission denied"):
+        if reason in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class Checkpointer:
@@ -64,13 +77,15 @@ class Checkpointer:
         # An async save reports its failure at the next save or wait: same message.
         try:
             yield
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - tensorstore reports ENOSPC as ValueError
+            if not isinstance(e, OSError) and not _IO_ERROR.search(str(e)):
+                raise
             previous = [s for s in self.manager.all_steps() if s != step]
             kept = f"step {max(previous)} is intact" if previous else "none was complete"
             raise UserError(
                 f"writing checkpoint {'step ' + str(step) if step is not None else ''} "
                 f"to '{self.directory}' failed "
-                f"({e.strerror or e}); the previous checkpoint ({kept}); free disk space "
+                f"({_reason(e)}); the previous checkpoint ({kept}); free disk space "
                 "or fix permissions, then rerun the same command to resume"
             ) from e
 

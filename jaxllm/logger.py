@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from jaxllm.errors import UserError
+
 
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -42,8 +44,14 @@ class MetricsLogger:
         if not self.primary:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise UserError(
+                f"writing '{self.path}' failed ({e.strerror or e}); free disk space, then "
+                "rerun the same command to resume from the last checkpoint"
+            ) from e
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):

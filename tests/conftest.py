@@ -11,3 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAXLLM_DATA_DIR", os.path.join(REPO, ".cache", "data"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the fault-injection totals (tests/test_faults.py) when any ran."""
+    from faultlog import TOTALS
+
+    if any(TOTALS.values()):
+        terminalreporter.write_sep("=", "fault injection")
+        terminalreporter.write_line(", ".join(f"{k}: {v}" for k, v in TOTALS.items()))
