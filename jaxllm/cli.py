@@ -80,10 +80,30 @@ def _workdir_config(workdir: str, overrides: list[str]) -> Any:
             f"'{workdir}' has no config.yaml; run `jaxllm train ... --workdir {workdir}`"
         )
     cfg = load_config(path, overrides)
+    if not any(o.startswith("mesh.") for o in overrides):
+        _fit_mesh_to_devices(cfg)
     tokenizer = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(tokenizer):
         cfg.data.tokenizer = tokenizer
     return cfg
+
+
+def _fit_mesh_to_devices(cfg: Any) -> None:
+    """Eval/generate may run where training did not: let `data` absorb the device count.
+
+    The fsdp/tensor split is kept when it divides the devices here (a large model still
+    needs it to fit); otherwise everything becomes data parallel.
+    """
+    import jax
+
+    n = jax.device_count()
+    model_ways = max(cfg.mesh.fsdp, 1) * max(cfg.mesh.tensor, 1)
+    if cfg.mesh.fsdp == -1 or cfg.mesh.tensor == -1 or n % model_ways:
+        cfg.mesh.fsdp, cfg.mesh.tensor, model_ways = 1, 1, 1
+    cfg.mesh.data = -1
+    # The eval batch must split over the batch shards; padding rows carry no weight.
+    batch_ways = n // max(cfg.mesh.tensor, 1)
+    cfg.train.batch_size = -(-cfg.train.batch_size // batch_ways) * batch_ways
 
 
 def _restore_params(workdir: str, cfg: Any):

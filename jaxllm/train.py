@@ -176,14 +176,17 @@ def _prepare_workdir(cfg: Config, session: Session, workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def _finish_saves_on_error(ckpt: Checkpointer | None):
-    # A run that stops on an error still lets a checkpoint already being written commit.
+def _finish_saves_on_error(ckpt: Checkpointer | None, logger: MetricsLogger):
+    # A run that stops on an error still lets a checkpoint already being written commit,
+    # and releases its log files (a full disk must be unmountable afterwards).
     try:
         yield
     except BaseException:
         if ckpt is not None:
             with contextlib.suppress(Exception):
                 ckpt.wait()
+        with contextlib.suppress(Exception):
+            logger.close()
         raise
 
 
@@ -215,7 +218,7 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"start_step": start, "preempted": False}
     first_loss, previous = None, None
     done = start
-    with guards.PreemptionWatcher() as preemption, _finish_saves_on_error(ckpt):
+    with guards.PreemptionWatcher() as preemption, _finish_saves_on_error(ckpt, logger):
         for step in range(start, tc.steps):
             batch = sharding.make_global_batch(next(it), cs.mesh, cs.rules)
             state, metrics = cs.train(state, batch)

@@ -21,7 +21,7 @@ from faultlog import record
 from jaxllm import guards
 from jaxllm.config import load_config
 from jaxllm.errors import UserError
-from jaxllm.train import host_params, train
+from jaxllm.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [
@@ -237,7 +237,6 @@ def _mount_tmpfs(path, size_bytes):
 def test_disk_full_at_save_time_keeps_previous_checkpoint(tmp_path, monkeypatch):
     cfg = _tiny_cfg("mesh.data=1", "train.preflight_disk=false", "train.async_checkpoint=false",
                     "train.steps=6")  # fmt: skip
-    from jaxllm.step import TrainState  # noqa: F401  (the state is what gets written)
 
     workdir = str(tmp_path / "disk")
     one_checkpoint = None
@@ -273,5 +272,5 @@ def test_disk_full_at_save_time_keeps_previous_checkpoint(tmp_path, monkeypatch)
         assert _params(workdir, 3)  # the checkpoint before the failure still restores
     finally:
         if one_checkpoint is not None:
-            subprocess.run(["umount", workdir], check=False)
+            subprocess.run(["umount", "-l", workdir], check=False)
     record(trials=1, survived=1)
