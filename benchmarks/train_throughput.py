@@ -201,6 +201,8 @@ class HfRunner:
             layer_norm_epsilon=m.norm_eps,
             tie_word_embeddings=True,
             use_cache=False,
+            bos_token_id=0,  # GPT-2's 50256 lies outside a small vocabulary; unused here
+            eos_token_id=0,
         )
         self.model = transformers.GPT2LMHeadModel(hf_cfg).float().train()
         self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)

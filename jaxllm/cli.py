@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"jaxllm: error: {e}", file=sys.stderr)
+        # One line, always: a message that quotes user input may carry a newline.
+        print(f"jaxllm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxllm: interrupted", file=sys.stderr)

@@ -182,8 +182,8 @@ class DataConfig:
     # per row. True: examples are first-fit packed into rows with segment ids.
     pack: bool = False
     length_policy: str = field(default="truncate", metadata=_choices("truncate", "drop", "split"))
-    max_source_len: int = 0  # prefix tokens incl. separator (0 = derived from seq_len)
-    max_target_len: int = 0  # target tokens incl. EOS (0 = derived from seq_len)
+    max_source_len: int = 0  # prefix incl. separator; classify: text (0 = fit seq_len)
+    max_target_len: int = 0  # target incl. EOS; lm: document (0 = fit seq_len)
     history_turns: int = 3  # dialogue: last N turns of history in the prefix (0 = all)
     tokenizer_type: str = field(default="bpe", metadata=_choices("bpe", "unigram"))
     user_symbols: list[str] = field(default_factory=lambda: ["<sep>", "<turn>"])
@@ -280,7 +280,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _unknown_key(key: str, valid: list[str]) -> UserError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(valid)}"
-    return UserError(f"unknown config key '{key}'; {hint}")
+    return UserError(f"unknown config key {key!r}; {hint}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -315,7 +315,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"config override '{dotted}': '{part}' is not a section")
+            raise UserError(f"config override {dotted!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -323,7 +323,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Splits `a.b=value`; the value is read as YAML (so `1e-3`, `true`, `[1,2]` work)."""
     if "=" not in text:
-        raise UserError(f"override '{text}' is not key=value (example: optim.lr=3e-4)")
+        raise UserError(f"override {text!r} is not key=value (example: optim.lr=3e-4)")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""
@@ -337,7 +337,7 @@ def _check_override_key(dotted: str) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
-            raise UserError(f"config key '{'.'.join(parts[:i])}' has no sub-key '{part}'")
+            raise UserError(f"config key '{'.'.join(parts[:i])}' has no sub-key {part!r}")
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
             raise _unknown_key(".".join(parts[: i + 1]), names)

@@ -70,16 +70,19 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
 
 def _iterator(session: Session, split: str, train: bool):
     cfg = session.cfg
-    return data.make_lm_iterator(
-        cfg,
-        session.tokenizer,
-        split,
-        cfg.train.batch_size,
+    kw = dict(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         seed=cfg.train.seed,
         shuffle=train,
         repeat=train,
+    )
+    if cfg.task == "lm" and not cfg.data.pack:
+        # Fixed windows over one token stream, tokenized once and cached on disk.
+        return data.make_lm_iterator(cfg, session.tokenizer, split, cfg.train.batch_size, **kw)
+    records = data.load_records(cfg.data, split, cfg.task)
+    return data.make_task_iterator(
+        cfg, session.tokenizer, records, split, cfg.task, cfg.train.batch_size, **kw
     )
 
 

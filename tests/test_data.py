@@ -114,7 +114,7 @@ def test_tokenizer_round_trips_and_is_cached(env):
     assert tok.vocab_size == 4096
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
     assert [tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
-    assert os.path.basename(tok.path) == f"pydocs-{config_name()}_sp4096.model"
+    assert os.path.basename(tok.path).startswith(f"pydocs-{config_name()}_bpe4096_")
     texts = data.load_split_texts(cfg.data, "validation")
     ids = tok.encode_batch(texts)
     assert ids == [tok.encode(t) for t in texts]
@@ -144,6 +144,53 @@ def test_train_tokenizer_is_deterministic_and_atomic(env, tmp_path):
         data.train_tokenizer(texts, 100, str(tmp_path / "c.model"))
 
 
+def test_cached_tokenizer_is_keyed_by_text_and_settings(tmp_path):
+    from pydoc_data.topics import topics
+
+    from jaxllm.data.tokenizer import cached_tokenizer, tokenizer_cache_key
+
+    texts = [topics[k] for k in sorted(topics)][:200]
+    kw = dict(name="topics", user_symbols=["<sep>", "<turn>"])
+    bpe = cached_tokenizer(texts, 512, str(tmp_path), **kw)
+    assert [bpe.id_to_piece(i) for i in range(4, 7)] == ["\n", "<sep>", "<turn>"]
+    assert bpe.piece_id("<sep>") == 5 and bpe.piece_id("<cls>") is None
+    assert bpe.encode("a<sep>b").count(5) == 1  # a task token is always one piece
+    assert cached_tokenizer(texts, 512, str(tmp_path), **kw).path == bpe.path  # cache hit
+    uni = cached_tokenizer(texts, 512, str(tmp_path), model_type="unigram", **kw)
+    assert uni.path != bpe.path and uni.piece_id("<turn>") == 6
+    assert uni.decode(uni.encode("héllo 🙂\n  x")) == "héllo 🙂\n  x"  # byte fallback
+    changed = cached_tokenizer([*texts[:-1], texts[-1] + " extra"], 512, str(tmp_path), **kw)
+    assert changed.path != bpe.path  # a changed corpus never reuses a stale model
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".model")]) == 3
+    key = tokenizer_cache_key(["ab", "c"], 512)
+    assert key != tokenizer_cache_key(["a", "bc"], 512) != tokenizer_cache_key(["ab", "c"], 600)
+    with pytest.raises(UserError, match="data.tokenizer_type"):
+        cached_tokenizer(texts, 512, str(tmp_path), name="x", model_type="char")
+
+
+def test_data_config_keys():
+    from jaxllm.config import load_config
+
+    cfg = load_config(
+        None,
+        ["data.pack=true", "data.length_policy=drop", "data.augment.word_dropout=0.1",
+         "data.user_symbols=[<sep>, <cls>]", "data.tokenizer_type=unigram"],
+    )  # fmt: skip
+    d = cfg.data
+    assert (d.pack, d.length_policy, d.augment.word_dropout) == (True, "drop", 0.1)
+    assert d.user_symbols == ["<sep>", "<cls>"] and d.tokenizer_type == "unigram"
+    assert (d.max_source_len, d.max_target_len, d.history_turns) == (0, 0, 3)
+    for bad, match in [
+        ("data.length_policy=cut", "allowed values: truncate, drop, split"),
+        ("data.augment.prob=1.5", "must be in \\[0, 1\\]"),
+        ("data.max_source_len=-1", "must be >= 0"),
+        ("data.augment.typo=0.1", "unknown config key 'data.augment.typo'"),
+        ("data.user_symbols=[<sep>, <sep>]", "duplicates"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            load_config(None, [bad])
+
+
 def test_tokenizer_user_errors(env, tmp_path):
     cfg, tok = env
     with pytest.raises(UserError, match="not found"):
@@ -164,7 +211,9 @@ def test_train_batches_shapes_and_shift(env):
     it = data.make_lm_iterator(cfg, tok, "train", 8)
     tokens = data._split_tokens(cfg.data, tok, "train")
     windows = _windows(tokens, cfg.data.seq_len + 1)
-    assert it.num_windows == len(tokens) // 129 == len(windows)
+    assert it.num_windows == len(tokens) // 129
+    # A few windows repeat verbatim (stdlib docstrings that are copies of each other).
+    assert 0.99 * it.num_windows <= len(windows) <= it.num_windows
     assert len(tokens) > 600_000  # measured 712,699 tokens with the 4096-piece tokenizer
     for batch in _take(it, 5):
         assert batch["inputs"].shape == batch["targets"].shape == (8, 128)
@@ -304,7 +353,7 @@ def test_text_file_source(env, tmp_path):
     [
         ("foo", None, "not recognised; valid forms: embedded:pydocs"),
         ("embedded:wiki", None, "unknown embedded corpus"),
-        ("tfds:lm1b", None, "not supported yet"),
+        ("tfds:no_such_dataset", None, "unknown TFDS dataset"),
         ("missing.txt", None, "not found"),
         ("empty.txt", b" \n\n \n", "is empty"),
         ("latin1.txt", b"caf\xe9 au lait\n", "not UTF-8"),
@@ -363,13 +412,14 @@ def test_concurrent_processes_train_the_tokenizer_once(tmp_path):
                      "data_dir": {str(tmp_path / "cache")!r}}},
             "model": {{"vocab_size": 512}},
         }})
-        train = data.train_tokenizer
-        def logged_train(*args):
+        from jaxllm.data import tokenizer as tokenizer_module
+        train = tokenizer_module.train_tokenizer
+        def logged_train(*args, **kwargs):
             with open({str(tmp_path / "trained.log")!r}, "a") as f:
                 f.write("trained\\n")
             time.sleep(1.0)
-            return train(*args)
-        data.train_tokenizer = logged_train
+            return train(*args, **kwargs)
+        tokenizer_module.train_tokenizer = logged_train
         tok = data.get_tokenizer(cfg)
         print(tok.fingerprint, len(data._split_tokens(cfg.data, tok, "train")))
         """
@@ -382,7 +432,8 @@ def test_concurrent_processes_train_the_tokenizer_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[0] == outs[1] and len(outs[0].split()) == 2
     assert (tmp_path / "trained.log").read_text() == "trained\n"
-    assert len(os.listdir(tmp_path / "cache" / "tokenizers")) == 1
+    models = [f for f in os.listdir(tmp_path / "cache" / "tokenizers") if f.endswith(".model")]
+    assert len(models) == 1
 
 
 def test_pipeline_rejects_a_stream_shorter_than_one_window():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import collections
 import json
+from pydoc_data.topics import topics
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from jaxllm.attention import attention_mask
 from jaxllm.config import ModelConfig, load_config
@@ -28,7 +28,11 @@ TEXTS = [topics[k] for k in sorted(topics)]
 def tok(tmp_path_factory):
     """A small BPE tokenizer with the task symbols, trained on Python's topic docs."""
     return cached_tokenizer(
-        TEXTS, 600, str(tmp_path_factory.mktemp("tok")), name="topics", user_symbols=["<sep>", "<turn>"]
+        TEXTS,
+        600,
+        str(tmp_path_factory.mktemp("tok")),
+        name="topics",
+        user_symbols=["<sep>", "<turn>"],
     )
 
 
@@ -42,9 +46,9 @@ def _records(task: str, n: int = 120) -> list[dict]:
     out = []
     for i in range(n):
         t = TEXTS[i % len(TEXTS)].replace("\n", " ")
-        a, b = 5 + (i * 37) % 120, 5 + (i * 53) % 90
+        a, b = 5 + (i * 37) % 70, 5 + (i * 53) % 60
         if task == "lm":
-            out.append({"text": t[: 20 + (i * 97) % 400]})
+            out.append({"text": t[: 20 + (i * 97) % 180]})
         elif task == "classify":
             out.append({"text": t[:a], "label": i % 4})
         elif task == "translate":
@@ -56,7 +60,9 @@ def _records(task: str, n: int = 120) -> list[dict]:
 
 
 def _it(cfg, tok, records, task, batch=8, **kw):
-    return pipeline.make_task_iterator(cfg, tok, records, kw.pop("split", "train"), task, batch, **kw)
+    return pipeline.make_task_iterator(
+        cfg, tok, records, kw.pop("split", "train"), task, batch, **kw
+    )
 
 
 def _take(it, n):
@@ -102,6 +108,7 @@ def _expected_pieces(task, tok, records, cfg) -> list:
 @pytest.mark.parametrize("task", ["lm", "translate", "dialogue"])
 def test_attention_mask_never_links_two_documents(tok, task):
     it = _it(_cfg(), tok, _records(task), task)
+    docs_per_row = []
     for batch in _take(it, 6):
         seg, pos = batch["segment_ids"], batch["positions"]
         prefix = batch.get("prefix_mask")
@@ -121,19 +128,19 @@ def test_attention_mask_never_links_two_documents(tok, task):
         if prefix is not None:
             visible |= prefix[:, None, :]
         np.testing.assert_array_equal(mask, same_doc & visible)
-        assert (seg > 0).mean() > 0.6  # rows really hold several documents
-        assert (np.diff(seg, axis=1) >= 0).all() or True
-        assert max(len(np.unique(s[s > 0])) for s in seg) > 1
+        docs_per_row += [len(np.unique(s[s > 0])) for s in seg]
+    assert np.mean(docs_per_row) > 1.3, np.mean(docs_per_row)  # rows hold several docs
 
 
 def test_packed_logits_equal_each_document_alone(tok):
     """The model sees a packed document exactly as if it were alone in its row."""
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, max_len=SEQ)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, max_len=SEQ)
     model = build_model(cfg)
     batch = next(_it(_cfg(), tok, _records("translate"), "translate", batch=4))
     args = {k: jnp.asarray(batch[k]) for k in ("positions", "segment_ids", "prefix_mask")}
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"]))["params"])
-    packed = np.asarray(model.apply({"params": params}, jnp.asarray(batch["inputs"]), **args))
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(batch["inputs"])))
+    apply = jax.jit(lambda tokens, **kw: model.apply(params, tokens, **kw))
+    packed = np.asarray(apply(jnp.asarray(batch["inputs"]), **args))
     assert np.isfinite(packed).all()  # padding rows included
     pieces = _segments(batch)
     alone = {k: np.zeros((len(pieces), SEQ), batch[k].dtype) for k in ("inputs", "prefix_mask")}
@@ -141,11 +148,7 @@ def test_packed_logits_equal_each_document_alone(tok):
         alone["inputs"][i, : len(p["inputs"])] = p["inputs"]
         alone["prefix_mask"][i, : len(p["inputs"])] = p["prefix_mask"]
     single = np.asarray(
-        model.apply(
-            {"params": params},
-            jnp.asarray(alone["inputs"]),
-            prefix_mask=jnp.asarray(alone["prefix_mask"]),
-        )
+        apply(jnp.asarray(alone["inputs"]), prefix_mask=jnp.asarray(alone["prefix_mask"]))
     )
     i = 0
     for r in range(4):
@@ -163,7 +166,7 @@ def test_packed_logits_equal_each_document_alone(tok):
      ("dialogue", "drop"), ("classify", "truncate")],
 )  # fmt: skip
 def test_token_counts_conserved_except_stated_truncations(tok, task, policy):
-    cfg = _cfg(f"data.length_policy={policy}", "data.max_source_len=40")
+    cfg = _cfg(f"data.length_policy={policy}", "data.max_source_len=12")
     records = _records(task)
     want, removed, total = _expected_pieces(task, tok, records, cfg)
     it = _it(cfg, tok, records, task, split="validation")  # one pass, in order
@@ -187,7 +190,7 @@ def test_token_counts_conserved_except_stated_truncations(tok, task, policy):
 
 
 def test_split_pieces_rebuild_the_document(tok):
-    cfg = _cfg("data.length_policy=split", "data.pack=false")
+    cfg = _cfg("data.length_policy=split")
     records = [{"text": TEXTS[7]}]  # a long document: several rows
     ids = [*tok.encode(TEXTS[7]), tok.eos_id]
     batch = next(_it(cfg, tok, records, "lm", batch=-(-len(ids) // SEQ), split="validation"))
@@ -204,7 +207,7 @@ def test_prefix_and_weights_for_translate(tok):
     n, p = len(z), len(src) + 1
     np.testing.assert_array_equal(batch["targets"][0, :n], z)
     np.testing.assert_array_equal(batch["inputs"][0, :n], [tok.bos_id, *z[:-1]])
-    np.testing.assert_array_equal(batch["prefix_mask"][0], np.arange(SEQ) <= p - 1 + 1)
+    np.testing.assert_array_equal(batch["prefix_mask"][0], np.arange(SEQ) <= p)  # BOS + prefix
     # Loss on the target and its EOS only; the separator is given, not predicted.
     np.testing.assert_array_equal(batch["weights"][0], (np.arange(SEQ) >= p) & (np.arange(SEQ) < n))
     assert batch["weights"][0].sum() == len(tgt) + 1

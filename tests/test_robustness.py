@@ -178,8 +178,61 @@ def test_fuzz_text_data_files(tmp_path, body):
     _one_line_or_ok(lambda: data.load_split_texts(cfg.data, "train"))
 
 
+TABLE_BODIES = st.one_of(
+    FILE_BODIES,
+    st.lists(
+        st.lists(
+            st.text(alphabet=st.characters(blacklist_characters="\t\n\r"), max_size=12),
+            min_size=0,
+            max_size=4,
+        ).map("\t".join),
+        max_size=12,
+    ).map(lambda rows: "\n".join(rows).encode()),  # wrong and missing columns
+    st.lists(
+        st.one_of(
+            st.dictionaries(
+                st.sampled_from(["text", "label", "source", "target", "x"]),
+                st.one_of(st.text(max_size=10), st.integers(), st.none()),
+                max_size=3,
+            ).map(json.dumps),
+            st.text(max_size=20),
+        ),
+        max_size=10,
+    ).map(lambda rows: "\n".join(rows).encode()),
+)
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    body=TABLE_BODIES,
+    kind=st.sampled_from(
+        [("tsv", "classify"), ("tsv", "translate"), ("jsonl", "classify"), ("jsonl", "lm")]
+    ),
+)
+def test_fuzz_tsv_and_jsonl_files(tmp_path, body, kind):
+    FUZZ_COUNT["n"] += 1
+    ext, task = kind
+    path = tmp_path / f"data.{ext}"
+    path.write_bytes(body)
+    fields = (
+        "{text: text, label: label}" if task == "classify" else "{source: source, target: target}"
+    )
+    overrides = [f"data.source={path}", f"data.data_dir={tmp_path / 'cache'}"]
+    if ext == "jsonl":
+        overrides.append("data.fields=" + ("{text: text}" if task == "lm" else fields))
+    cfg = load_config(None, overrides)
+
+    def load():
+        records = data.load_records(cfg.data, "train", task)
+        for i in range(min(len(records), 50)):
+            records[i]
+
+    _one_line_or_ok(load)
+
+
 def test_zz_report_fuzz_cases():
     # Runs after the fuzz tests in this module (pytest keeps file order): records the count.
-    assert FUZZ_COUNT["n"] >= 500
+    assert FUZZ_COUNT["n"] >= 650
     record(fuzz=FUZZ_COUNT["n"])
     print(f"fuzz cases run: {FUZZ_COUNT['n']}")

@@ -179,28 +179,44 @@ def _join(words: list[str], seps: list[str]) -> str:
     return "".join(out)
 
 
-def word_dropout(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Removes each word with probability `rate`, with the separator before it.
+def _stronger(a: str, b: str) -> str:
+    """Of two separators, the one that carries more structure (line breaks, then width)."""
+    return a if (a.count("\n"), len(a)) >= (b.count("\n"), len(b)) else b
 
-    Leading and trailing whitespace stay; at least one word survives, so the
-    result is never empty when the input had a word.
+
+def word_dropout(text: str, rate: float, rng: np.random.Generator) -> str:
+    """Removes each word with probability `rate`.
+
+    The separators around a removed word merge into the stronger one (a line
+    break and its indentation win over a space), leading and trailing whitespace
+    stay, and at least one word survives.
     """
     if rate <= 0 or not text:
         return text
     words, seps = _words(text)
-    # (separator before, word) for every word; words[0] == "" means leading whitespace,
-    # which then sits in items[0]'s separator and is given to the first kept word.
+    # (separator before, word) for every word; words[0] == "" means leading whitespace.
     items = [(seps[i - 1] if i else "", w) for i, w in enumerate(words) if w]
     if not items:
         return text
+    lead = items[0][0]
     trailing = seps[-1] if len(words) > 1 and not words[-1] else ""
     drop = rng.random(len(items)) < rate
     if drop.all():
         drop[rng.integers(len(items))] = False
-    kept = [item for item, d in zip(items, drop, strict=True) if not d]
-    out = [items[0][0], kept[0][1]]
-    for sep, word in kept[1:]:
-        out += [sep, word]
+    out = [lead]
+    pending = None  # separator left over from dropped words since the last kept one
+    for k, ((sep, word), d) in enumerate(zip(items, drop, strict=True)):
+        sep = "" if k == 0 else sep
+        sep = sep if pending is None else _stronger(pending, sep)
+        if d:
+            pending = sep
+            continue
+        if len(out) > 1:  # the separator before the first kept word is the lead
+            out.append(sep)
+        out.append(word)
+        pending = None
+    if pending is not None and len(out) > 1:
+        trailing = _stronger(pending, trailing) if trailing else ""
     return "".join(out) + trailing
 
 

@@ -76,9 +76,7 @@ def categories(language: str = TOPIC_LANGUAGE) -> list[str]:
     return sorted(f.rsplit(".", 1)[0] for f in os.listdir(folder) if f.endswith((".yml", ".yaml")))
 
 
-def read_conversations(
-    language: str, skipped: collections.Counter
-) -> list[tuple[str, list[str]]]:
+def read_conversations(language: str, skipped: collections.Counter) -> list[tuple[str, list[str]]]:
     """All conversations of one language as (category, turns), in sorted file order.
 
     Args:

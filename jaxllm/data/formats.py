@@ -206,7 +206,7 @@ def format_records(
         raise UserError(f"unknown task '{task}'; valid tasks: {', '.join(TASKS)}")
     specials = specials or Specials.from_tokenizer(tokenizer)
     indices = list(range(len(records))) if indices is None else list(indices)
-    texts = [record_texts(task, r, i, history_turns) for r, i in zip(records, indices)]
+    texts = [record_texts(task, r, i, history_turns) for r, i in zip(records, indices, strict=True)]
     flat = [t for ts in texts for t in ts]
     ids = tokenizer.encode_batch(flat) if flat else []
     out, at = [], 0
@@ -227,7 +227,8 @@ class LengthLimits:
     Attributes:
       seq_len: Positions per row; an example never exceeds it.
       max_source: Limit of the prefix incl. its separator (prefix tasks).
-      max_target: Limit of the target incl. EOS (lm: the whole document).
+      max_target: Limit of the target incl. EOS (lm: the whole document; classify:
+        the text incl. EOS, from ``data.max_source_len``).
       policy: ``truncate``, ``drop`` or ``split``.
     """
 
@@ -256,7 +257,9 @@ class LengthLimits:
             return min(value or default, default)
 
         if task in PREFIX_TASKS:
-            return cls(L, cap(data_cfg.max_source_len, L - 1), cap(data_cfg.max_target_len, L - 1), policy)
+            return cls(
+                L, cap(data_cfg.max_source_len, L - 1), cap(data_cfg.max_target_len, L - 1), policy
+            )
         if task == "classify":
             return cls(L, 0, cap(data_cfg.max_source_len, L), policy)
         return cls(L, 0, cap(data_cfg.max_target_len, L), policy)

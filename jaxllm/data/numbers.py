@@ -227,8 +227,7 @@ def frame_slots(frame: str) -> frozenset[str]:
 
 _SLOTS = [frame_slots(frame[0]) for frame in _FRAMES]
 _MONTHS = {
-    "en": "January February March April May June July August September October November "
-    "December",
+    "en": "January February March April May June July August September October November December",
     "de": "Januar Februar März April Mai Juni Juli August September Oktober November Dezember",
     "fr": "janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
     "es": "enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre "

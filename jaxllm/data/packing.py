@@ -1,9 +1,9 @@
 """Example pipeline: records -> (augment) -> task format -> length policy -> first-fit pack
 -> global batch -> this process's rows -> prefetch, with an exactly resumable state.
 
-**Order.** Stream position ``k`` is record ``order[k]`` of epoch ``k // n`` where
-``order`` is a grain ``MapDataset`` (``range(n)``, seeded shuffle reseeded every
-epoch, repeated for train). Records are read, augmented, tokenized and
+**Order.** Stream position ``k`` is record ``order(k)`` of epoch ``k // n``
+(:class:`EpochOrder`: a seeded permutation per epoch, reshuffled every epoch for
+train). Records are read, augmented, tokenized and
 length-fitted in chunks of :data:`CHUNK` stream positions, so the pieces at a
 position depend on the position alone, never on what ran before.
 
@@ -20,9 +20,11 @@ padding) and ``positions`` restarting at 0, so attention never crosses pieces.
 **Hosts.** Packing runs on the global stream, identically on every process;
 process ``i`` of ``p`` then builds arrays only for rows ``[i*G/p, (i+1)*G/p)`` of
 each global batch of ``G`` rows. Every process therefore tokenizes the examples of
-the whole global batch (cheap next to a train step, see
-``benchmarks/data_throughput.py``), and in return the batches, and the state, do
-not depend on the process count.
+the whole global batch, and in return the batches, and the state, do not depend
+on the process count. That is cheap next to a train step on one or a few hosts
+(``benchmarks/data_throughput.py``: ~1.2M tokens/s on one CPU core), but it grows
+with the global batch; for many hosts, pre-tokenized records (packing then needs
+only their lengths) would keep the per-host work local.
 
 **State.** ``{"example": k, "piece": j, "batch": b}``: the pack starting at piece
 ``j`` of stream position ``k``, of which ``b`` batches were consumed. Restoring
@@ -46,6 +48,36 @@ CHUNK = 256  # stream positions formatted (and tokenized) per batched call
 MIN_PACK_ROWS = 128  # rows per pack at least: more rows, fewer half-empty ones
 
 
+class EpochOrder:
+    """Stream position -> record index: a seeded permutation of ``range(n)`` per epoch.
+
+    Small splits use a cached numpy permutation per epoch; splits above
+    :data:`PERMUTATION_LIMIT` records use grain's ``index_shuffle`` (the function
+    behind ``MapDataset.shuffle``) per position, which needs no O(n) memory but
+    costs ~10 us a call, and far more on tiny splits.
+    """
+
+    PERMUTATION_LIMIT = 1 << 22
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed % 2**32, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __call__(self, k: int) -> int:
+        epoch, i = divmod(k, self.n)
+        if not self.shuffle:
+            return i
+        if self.n > self.PERMUTATION_LIMIT:
+            seed = (self.seed + epoch) % 2**32  # as grain's ShuffleMapDataset
+            return grain.experimental.index_shuffle(i, max_index=self.n - 1, seed=seed, rounds=4)
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # positions mostly increase: old epochs are done
+                del self._perms[min(self._perms)]
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.n).astype(np.int32)
+        return int(self._perms[epoch][i])
+
+
 class ExampleStream:
     """Random access to the length-fitted pieces at each stream position."""
 
@@ -56,7 +88,7 @@ class ExampleStream:
         tokenizer,
         limits: LengthLimits,
         *,
-        order: grain.MapDataset,
+        order: EpochOrder,
         repeat: bool,
         augmenter=None,
         history_turns: int = 0,
@@ -78,7 +110,7 @@ class ExampleStream:
         lo = c * CHUNK
         hi = lo + CHUNK if self.repeat else min(lo + CHUNK, self.n)
         ks = range(lo, hi)
-        idx = [int(self.order[k]) for k in ks]
+        idx = [self.order(k) for k in ks]
         epochs = [k // self.n for k in ks]
         recs = [self.records[i] for i in idx]
         if self.augmenter is not None and self.augmenter.active:

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxllm.data.augment import Augmenter
 from jaxllm.data.formats import TASKS, LengthLimits, LengthStats, record_texts
-from jaxllm.data.packing import MIN_PACK_ROWS, ExampleStream, PackedBatches
+from jaxllm.data.packing import MIN_PACK_ROWS, EpochOrder, ExampleStream, PackedBatches
 from jaxllm.errors import UserError
 
 log = logging.getLogger("jaxllm.data")
@@ -295,9 +295,12 @@ class TaskIterator:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Length-policy counts (examples, truncated, dropped, split, pieces,
-        tokens_removed) and ``packing_efficiency``: non-padding share of the
-        positions this process has built (prefetched batches included)."""
+        """What the pipeline did so far on this process (prefetched batches included).
+
+        Keys: the :class:`jaxllm.data.formats.LengthStats` counts (``examples``,
+        ``truncated``, ``dropped``, ``split``, ``pieces``, ``tokens_removed``) and
+        ``packing_efficiency``, the non-padding share of the positions built.
+        """
         c = self._core
         eff = c.tokens_real / c.tokens_total if c.tokens_total else 0.0
         return {**c.stream.stats.counts, "packing_efficiency": eff}
@@ -417,17 +420,12 @@ def make_task_iterator(
                  "data.pack is not used")  # fmt: skip
     limits = LengthLimits.from_config(d, task)
     n = len(records)
-    order = grain.MapDataset.range(n)
-    if shuffle:
-        order = order.shuffle(seed % 2**32)  # grain reseeds each epoch with seed + epoch
-    if repeat:
-        order = order.repeat()
     stream = ExampleStream(
         records,
         task,
         tokenizer,
         limits,
-        order=order,
+        order=EpochOrder(n, seed, shuffle),
         repeat=repeat,
         augmenter=augmenter,
         history_turns=d.history_turns,

@@ -321,11 +321,10 @@ def cached_tokenizer(
       UserError: As :func:`train_tokenizer`.
     """
     _check_settings(vocab_size, model_type, user_symbols)
-    key = tokenizer_cache_key(
-        texts, vocab_size, model_type=model_type, user_symbols=user_symbols
-    )
+    key = tokenizer_cache_key(texts, vocab_size, model_type=model_type, user_symbols=user_symbols)
     path = os.path.join(
-        os.path.abspath(os.path.expanduser(cache_dir)), f"{name}_{model_type}{vocab_size}_{key}.model"
+        os.path.abspath(os.path.expanduser(cache_dir)),
+        f"{name}_{model_type}{vocab_size}_{key}.model",
     )
     with _lock(os.path.join(os.path.dirname(path), ".locks", f"{name}.lock")):
         if os.path.isfile(path):
