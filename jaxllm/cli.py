@@ -28,6 +28,8 @@ GENERATE_OPTIONS = {
     "top_k": int,
     "top_p": float,
     "seed": int,
+    "beam_size": int,
+    "length_penalty": float,
 }
 
 
@@ -66,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "options",
         nargs="*",
-        help="strategy=greedy|sample max_new_tokens=N temperature=T top_k=K top_p=P seed=S",
+        help="strategy=greedy|sample|beam max_new_tokens=N temperature=T top_k=K top_p=P "
+        "seed=S beam_size=B length_penalty=A",
     )
     return parser
 

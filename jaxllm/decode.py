@@ -1,9 +1,9 @@
-"""Autoregressive decoding on the KV cache: greedy and temperature / top-k / top-p sampling.
+"""Autoregressive decoding on the KV cache: greedy, temperature / top-k / top-p sampling, beam.
 
 One prefill call writes the prompt's keys and values into the cache; each further
 step feeds one token. The whole generation is one jitted `lax.while_loop`, compiled
 once per (batch, prompt bucket, cache bucket) so repeated calls do not recompile.
-Beam search arrives with the tasks issue.
+Beam search lives in `jaxllm.beam_search`; `generate(strategy="beam")` dispatches to it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
 
-STRATEGIES = ("greedy", "sample")
+STRATEGIES = ("greedy", "sample", "beam")
 BUCKET = 64  # cache lengths round up to a multiple of this to bound recompiles
 
 
@@ -120,14 +120,33 @@ def generate(
     eos_id: int = -1,
     seed: int = 0,
     policy: Any = None,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
 ) -> np.ndarray:
     """Continues each row of `prompt` ([B, T] token ids, equal lengths) on the KV cache.
+
+    `strategy="beam"` runs `jaxllm.beam_search.beam_search` with `beam_size` beams and
+    GNMT `length_penalty` (alpha) and returns the best hypothesis per row.
 
     Returns:
       [B, max_new_tokens] int32 new tokens; after a row emits `eos_id` it repeats it.
     """
     if strategy not in STRATEGIES:
         raise UserError(f"strategy={strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+    if strategy == "beam":
+        from jaxllm.beam_search import beam_search  # imports this module: import lazily
+
+        tokens, _ = beam_search(
+            model_cfg,
+            params,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            eos_id=eos_id,
+            policy=policy,
+        )
+        return tokens
     if max_new_tokens <= 0:
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if temperature <= 0 and strategy == "sample":
