@@ -273,4 +273,5 @@ def test_disk_full_at_save_time_keeps_previous_checkpoint(tmp_path, monkeypatch)
     finally:
         if one_checkpoint is not None:
             subprocess.run(["umount", "-l", workdir], check=False)
+    assert not os.path.ismount(workdir)  # nothing left mounted for later tests or runs
     record(trials=1, survived=1)
