@@ -13,6 +13,7 @@ other key, ``label_names``, gives the label set of a classify source.
 
 from __future__ import annotations
 
+import abc
 import collections.abc
 
 from jaxllm.errors import UserError
@@ -72,8 +73,9 @@ class RecordSource(collections.abc.Sequence):
         self.label_names = list(label_names) if label_names is not None else None
         self.skipped = dict(skipped or {})
 
+    @abc.abstractmethod
     def _get(self, index: int) -> dict:
-        raise NotImplementedError
+        """The canonical record at a non-negative `index` (each source implements it)."""
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
