@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.decode import BUCKET
+from jaxllm.decode import check_prompt
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
 
@@ -186,18 +186,7 @@ def beam_search(
     """
     if beam_size < 1:
         raise UserError(f"beam_size must be >= 1, got {beam_size}")
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    prompt = np.asarray(prompt, np.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise UserError("the prompt is empty; give at least one token of text")
-    needed = prompt.shape[1] + max_new_tokens
-    if needed > model_cfg.max_len:
-        raise UserError(
-            f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"model.max_len={model_cfg.max_len}; shorten the prompt or lower max_new_tokens"
-        )
-    cache_len = min(model_cfg.max_len, -(-needed // BUCKET) * BUCKET)
+    prompt, cache_len = check_prompt(model_cfg, prompt, max_new_tokens)
     model = build_model(model_cfg, policy, decode=True)
     tokens, scores, _ = _beam_search(
         model,

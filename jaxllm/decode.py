@@ -107,6 +107,25 @@ def _generate(
     return out
 
 
+def check_prompt(
+    model_cfg: ModelConfig, prompt: Any, max_new_tokens: int
+) -> tuple[np.ndarray, int]:
+    """Validates a [B, T] prompt and returns it with the bucketed KV-cache length."""
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise UserError("the prompt is empty; give at least one token of text")
+    needed = prompt.shape[1] + max_new_tokens
+    if needed > model_cfg.max_len:
+        raise UserError(
+            f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"model.max_len={model_cfg.max_len}; shorten the prompt or lower max_new_tokens"
+        )
+    # Rounding up to a bucket bounds how many cache shapes (compiles) a session sees.
+    return prompt, min(model_cfg.max_len, -(-needed // BUCKET) * BUCKET)
+
+
 def generate(
     model_cfg: ModelConfig,
     params: Any,
@@ -147,22 +166,11 @@ def generate(
             policy=policy,
         )
         return tokens
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if temperature <= 0 and strategy == "sample":
         raise UserError("temperature must be > 0 for sampling; use strategy=greedy instead")
     if not 0.0 < top_p <= 1.0 or top_k < 0:
         raise UserError(f"top_p must be in (0, 1] and top_k >= 0, got {top_p}, {top_k}")
-    prompt = np.asarray(prompt, np.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise UserError("the prompt is empty; give at least one token of text")
-    needed = prompt.shape[1] + max_new_tokens
-    if needed > model_cfg.max_len:
-        raise UserError(
-            f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"model.max_len={model_cfg.max_len}; shorten the prompt or lower max_new_tokens"
-        )
-    cache_len = min(model_cfg.max_len, -(-needed // BUCKET) * BUCKET)
+    prompt, cache_len = check_prompt(model_cfg, prompt, max_new_tokens)
     model = build_model(model_cfg, policy, decode=True)
     out = _generate(
         model,
