@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.decode import check_prompt
+from jaxllm.decode import check_prompt, prefill
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
 
@@ -109,14 +109,7 @@ def _beam_search(model, params, prompt, max_new_tokens, eos_id, alpha, *, cache_
     k, buf = beam_size, cache_len - prompt_len
     batch_axis = 1 if model.cfg.scan_layers else 0  # scanned caches lead with a layers axis
 
-    cache = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, cache_len), jnp.int32))
-    )["cache"]
-    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
-    logits, mutated = model.apply(
-        {"params": params, "cache": cache}, prompt, positions=positions, mutable=["cache"]
-    )
+    logits, mutated = prefill(model, params, prompt, cache_len)
     # Prefill once per row, then one cache copy per beam: row b's beams are b*K .. b*K+K-1.
     cache = _map_cache(lambda x: jnp.repeat(x, k, axis=batch_axis), mutated["cache"])
 

@@ -53,6 +53,23 @@ def _next_token(logits, rng, strategy, temperature, top_k, top_p):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def prefill(model: Any, params: Any, prompt: jax.Array, cache_len: int) -> tuple[jax.Array, dict]:
+    """Allocates an empty KV cache of `cache_len` and runs the prompt through it.
+
+    Returns the prompt's logits and the mutated variables (`{"cache": ...}`); shared by
+    sampling and beam search so both fill the cache the same way.
+    """
+    batch, prompt_len = prompt.shape
+    cache = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, cache_len), jnp.int32))
+    )["cache"]
+    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
+    return model.apply(
+        {"params": params, "cache": cache}, prompt, positions=positions, mutable=["cache"]
+    )
+
+
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "cache_len", "strategy", "top_k")
 )
@@ -71,14 +88,7 @@ def _generate(
     top_k,
 ):
     batch, prompt_len = prompt.shape
-    cache = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, cache_len), jnp.int32))
-    )["cache"]
-    cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
-    logits, mutated = model.apply(
-        {"params": params, "cache": cache}, prompt, positions=positions, mutable=["cache"]
-    )
+    logits, mutated = prefill(model, params, prompt, cache_len)
     first = _next_token(logits[:, -1], rng, strategy, temperature, top_k, top_p)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = first == eos_id
