@@ -177,7 +177,7 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
 
         if self.decode:
-            k, v, mask = self._update_cache(k, v, positions, prefix_mask, window)
+            k, v, mask = self._update_cache(k, v, positions, segment_ids, prefix_mask, window)
         else:
             mask = attention_mask(
                 positions,
@@ -198,26 +198,66 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out")(out)
 
-    def _update_cache(self, k, v, positions, prefix_mask, window):
-        """Writes new keys/values at `cache_index`; returns the whole cache and its mask."""
+    def _update_cache(self, k, v, positions, segment_ids, prefix_mask, window):
+        """Writes new keys/values at `cache_index`; returns the whole cache and its mask.
+
+        Besides keys and values, every slot stores the token's position, segment id and
+        prefix flag, so the mask is built from true positions exactly as in a full forward
+        pass. That is what lets rows of one batch hold prompts of different lengths:
+        left padding is written with segment 0 and never seen, and each row's real tokens
+        carry their own positions (starting at 0) whatever slot they occupy.
+
+        Args:
+          k, v: [B, T, kv_heads, dim] new keys and values.
+          positions: [B, T] positions of the new tokens.
+          segment_ids: [B, T] ids of the new tokens (0 = padding); None = all 1.
+          prefix_mask: [B, T] prefix flags of the new tokens; None = not prefix.
+          window: sliding-window size of this layer.
+
+        Returns:
+          The cached keys and values [B, L, kv_heads, dim] and the mask [B, 1, T, L].
+        """
+        batch, length = k.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
         is_initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         cached_prefix = self.variable("cache", "cached_prefix", jnp.zeros, k.shape[:2], jnp.bool_)
+        # Segment 0 marks both padding and slots not written yet: both stay masked, since
+        # with true positions an unwritten slot (position 0) would pass the causal test.
+        cached_seg = self.variable("cache", "cached_segment", jnp.zeros, k.shape[:2], jnp.int32)
+        cached_pos = self.variable("cache", "cached_position", jnp.zeros, k.shape[:2], jnp.int32)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only allocates the cache
-            kv_pos = positions
-            return k, v, attention_mask(positions, kv_pos, kv_prefix=prefix_mask, window=window)
-        i = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
-        if prefix_mask is not None:
-            cached_prefix.value = jax.lax.dynamic_update_slice(
-                cached_prefix.value, prefix_mask.astype(jnp.bool_), (0, i)
+            mask = attention_mask(
+                positions,
+                positions,
+                q_segment_ids=segment_ids,
+                kv_segment_ids=segment_ids,
+                kv_prefix=prefix_mask,
+                window=window,
             )
-        index.value = i + k.shape[1]
-        batch, cache_len = cached_k.value.shape[:2]
-        kv_pos = jnp.broadcast_to(jnp.arange(cache_len, dtype=positions.dtype), (batch, cache_len))
-        mask = attention_mask(positions, kv_pos, kv_prefix=cached_prefix.value, window=window)
-        # Unwritten cache slots sit at positions beyond the query, so causality hides them.
+            return k, v, mask
+        i = index.value
+
+        def write(cache, new):
+            start = (0, i) + (0,) * (new.ndim - 2)
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+        cached_k.value = write(cached_k.value, k)
+        cached_v.value = write(cached_v.value, v)
+        cached_seg.value = write(cached_seg.value, segment_ids)
+        cached_pos.value = write(cached_pos.value, positions)
+        if prefix_mask is not None:
+            cached_prefix.value = write(cached_prefix.value, prefix_mask)
+        index.value = i + length
+        mask = attention_mask(
+            positions,
+            cached_pos.value,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=cached_seg.value,
+            kv_prefix=cached_prefix.value,
+            window=window,
+        )
         return cached_k.value, cached_v.value, mask

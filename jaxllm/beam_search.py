@@ -25,6 +25,9 @@ Algorithm (the t5x / GNMT formulation):
 One jit compile per (batch, prompt length, cache bucket, beam size): `max_new_tokens`,
 `eos_id` and `length_penalty` are traced, and the token buffer spans the whole cache
 bucket (rounded up with `decode.BUCKET`), sliced to `max_new_tokens` on the host.
+Prompts of different lengths (left-padded, `prompt_lengths`) and prefix-LM prompts
+(`prefix_lm`) work as in `jaxllm.decode.generate`; both are traced too, though a call
+that uses either compiles once apart from plain calls, which do not pass them.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.decode import check_prompt, prefill
+from jaxllm.decode import check_lengths, check_prompt, prefill
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
 
@@ -103,13 +106,33 @@ def _all_done(state, i, max_new_tokens, alpha):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "beam_size"))
-def _beam_search(model, params, prompt, max_new_tokens, eos_id, alpha, *, cache_len, beam_size):
-    """Returns best tokens [B, cache_len - T], their scores [B], and the steps run."""
+def _beam_search(
+    model,
+    params,
+    prompt,
+    max_new_tokens,
+    eos_id,
+    alpha,
+    lengths=None,
+    prefix_lm=False,
+    *,
+    cache_len,
+    beam_size,
+):
+    """Returns best tokens [B, cache_len - T], their scores [B], and the steps run.
+
+    `lengths` ([B] real prompt lengths, left padding) and `prefix_lm` (traced bool) are
+    optional so that plain calls keep their signature (and their compiled program).
+    """
     batch, prompt_len = prompt.shape
     k, buf = beam_size, cache_len - prompt_len
     batch_axis = 1 if model.cfg.scan_layers else 0  # scanned caches lead with a layers axis
 
-    logits, mutated = prefill(model, params, prompt, cache_len)
+    logits, mutated = prefill(model, params, prompt, cache_len, lengths, prefix_lm)
+    if lengths is None:
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    # Decode-step positions of the B*K beams: each continues from its row's length.
+    beam_lengths = jnp.repeat(lengths, k)
     # Prefill once per row, then one cache copy per beam: row b's beams are b*K .. b*K+K-1.
     cache = _map_cache(lambda x: jnp.repeat(x, k, axis=batch_axis), mutated["cache"])
 
@@ -135,11 +158,12 @@ def _beam_search(model, params, prompt, max_new_tokens, eos_id, alpha, *, cache_
     def body(carry):
         i, cache, state = carry
         token = jax.lax.dynamic_index_in_dim(state[0], i - 1, axis=2, keepdims=False)
-        pos = jnp.full((batch * k, 1), prompt_len + i - 1, jnp.int32)
+        pos = (beam_lengths + i - 1)[:, None]
         logits, mutated = model.apply(
             {"params": params, "cache": cache},
             token.reshape(batch * k, 1),
             positions=pos,
+            segment_ids=jnp.ones((batch * k, 1), jnp.int32),
             mutable=["cache"],
         )
         logprobs = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
@@ -163,8 +187,10 @@ def beam_search(
     length_penalty: float = 0.6,
     eos_id: int = -1,
     policy: Any = None,
+    prompt_lengths: Any = None,
+    prefix_lm: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Beam search continuation of each row of `prompt` ([B, T] token ids, equal lengths).
+    """Beam search continuation of each row of `prompt` ([B, P] token ids).
 
     Args:
       max_new_tokens: length of the returned continuation (hypotheses may end earlier).
@@ -172,6 +198,10 @@ def beam_search(
       length_penalty: GNMT alpha; scores are logp / ((5 + len) / 6) ** alpha, len counting
         the generated tokens including EOS (0 = raw log-probability).
       eos_id: end-of-sequence id (-1 = none: every hypothesis runs to max_new_tokens).
+      prompt_lengths: optional [B] ints in 1..P: row b's prompt is its last
+        `prompt_lengths[b]` tokens (left-padded, pad values ignored); each row is then
+        searched exactly as it would be alone. None = every row is P tokens long.
+      prefix_lm: attend bidirectionally over each prompt (prefix-LM), as in training.
 
     Returns:
       tokens [B, max_new_tokens] int32, the best hypothesis per row, EOS-padded after its
@@ -180,7 +210,13 @@ def beam_search(
     if beam_size < 1:
         raise UserError(f"beam_size must be >= 1, got {beam_size}")
     prompt, cache_len = check_prompt(model_cfg, prompt, max_new_tokens)
+    lengths = check_lengths(prompt, prompt_lengths)
     model = build_model(model_cfg, policy, decode=True)
+    # Plain calls pass neither option, so they share the program compiled for callers of
+    # `_beam_search` that predate them; any padded or prefix-LM call shares one other.
+    extra = ()
+    if prompt_lengths is not None or prefix_lm:
+        extra = (jnp.asarray(lengths), jnp.bool_(prefix_lm))
     tokens, scores, _ = _beam_search(
         model,
         params,
@@ -188,6 +224,7 @@ def beam_search(
         jnp.int32(max_new_tokens),
         jnp.int32(eos_id),
         jnp.float32(length_penalty),
+        *extra,
         cache_len=cache_len,
         beam_size=beam_size,
     )

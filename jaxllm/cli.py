@@ -14,10 +14,12 @@ import sys
 from typing import Any
 
 from jaxllm.errors import UserError
+from jaxllm.workdir import restore_params, workdir_config
 
 EXAMPLES = {
     "train": "jaxllm train configs/lm_tiny.yaml train.steps=100 optim.lr=1e-3 --workdir runs/tiny",
-    "eval": "jaxllm eval --workdir runs/tiny train.eval_batches=0",
+    "eval": "jaxllm eval --workdir runs/tiny train.eval_batches=0\n  "
+    "jaxllm eval --compare runs/mt_scratch runs/mt_pretrained eval.main_metric=bleu",
     "generate": 'jaxllm generate --workdir runs/tiny --prompt "The list type" strategy=sample '
     "temperature=0.8 top_k=40 max_new_tokens=40",
 }
@@ -58,9 +60,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--workdir", required=True, help="output directory (config, logs, checkpoints)")
 
-    p = add("eval", "Evaluate a trained workdir (perplexity) -> DIR/eval.json and a table.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("overrides", nargs="*", help="key=value overrides (train.eval_batches=0: all)")
+    p = add(
+        "eval",
+        "Evaluate a trained workdir with its task's metrics -> DIR/eval.json and a table; "
+        "or compare two workdirs (paired bootstrap) with --compare A B.",
+    )
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--workdir", help="a trained workdir")
+    group.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("DIR_A", "DIR_B"),
+        help="baseline A and model B: delta = B - A of the main metric, 95%% CI, p-value",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides (train.eval_batches=0: every batch; eval.main_metric=chrf)",
+    )
 
     p = add("generate", "Continue a prompt with a trained model (KV-cache decoding).")
     p.add_argument("--workdir", required=True)
@@ -72,49 +89,6 @@ def _parser() -> argparse.ArgumentParser:
         "seed=S beam_size=B length_penalty=A",
     )
     return parser
-
-
-def _workdir_config(workdir: str, overrides: list[str]) -> Any:
-    from jaxllm.config import load_config
-
-    path = os.path.join(workdir, "config.yaml")
-    if not os.path.exists(path):
-        raise UserError(
-            f"'{workdir}' has no config.yaml; run `jaxllm train ... --workdir {workdir}`"
-        )
-    cfg = load_config(path, overrides)
-    if not any(o.startswith("mesh.") for o in overrides):
-        _fit_mesh_to_devices(cfg)
-    tokenizer = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(tokenizer):
-        cfg.data.tokenizer = tokenizer
-    return cfg
-
-
-def _fit_mesh_to_devices(cfg: Any) -> None:
-    """Eval/generate may run where training did not: let `data` absorb the device count.
-
-    The fsdp/tensor split is kept when it divides the devices here (a large model still
-    needs it to fit); otherwise everything becomes data parallel.
-    """
-    import jax
-
-    n = jax.device_count()
-    model_ways = max(cfg.mesh.fsdp, 1) * max(cfg.mesh.tensor, 1)
-    if cfg.mesh.fsdp == -1 or cfg.mesh.tensor == -1 or n % model_ways:
-        cfg.mesh.fsdp, cfg.mesh.tensor, model_ways = 1, 1, 1
-    cfg.mesh.data = -1
-    # The eval batch must split over the batch shards; padding rows carry no weight.
-    batch_ways = n // max(cfg.mesh.tensor, 1)
-    cfg.train.batch_size = -(-cfg.train.batch_size // batch_ways) * batch_ways
-
-
-def _restore_params(workdir: str, cfg: Any):
-    from jaxllm.train import build_session
-
-    session = build_session(cfg, workdir)
-    params, step = session.checkpointer.restore_params(session.steps.abstract_state.params)
-    return session, params, step
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,21 +105,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxllm.train import evaluate
+def _print_table(result: dict[str, Any]) -> None:
+    flat = {k: v for k, v in result.items() if isinstance(v, int | float | str | list)}
+    width = max(len(k) for k in flat)
+    for k, v in flat.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        elif isinstance(v, list):
+            v = "[" + ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in v) + "]"
+        print(f"{k:<{width}}  {v}")
 
-    cfg = _workdir_config(args.workdir, args.overrides)
-    session, params, step = _restore_params(args.workdir, cfg)
-    result = {"step": step, "split": cfg.data.eval_split, **evaluate(session, params)}
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxllm.evaluation import evaluate
+
+    if args.compare:
+        from jaxllm.compare import compare_workdirs
+
+        dir_a, dir_b = args.compare
+        result = compare_workdirs(dir_a, dir_b, args.overrides)
+        with open(os.path.join(dir_b, "compare.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        _print_table({k: v for k, v in result.items() if not k.startswith("metrics_")})
+        return 0
+    cfg = workdir_config(args.workdir, args.overrides)
+    session, params, step = restore_params(args.workdir, cfg)
+    result = {
+        "step": step,
+        "task": cfg.task,
+        "split": cfg.data.eval_split,
+        **evaluate(session, params, generate=True),
+    }
     with open(os.path.join(args.workdir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    width = max(len(k) for k in result)
-    print(
-        "\n".join(
-            f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-            for k, v in result.items()
-        )
-    )
+    _print_table(result)
     return 0
 
 
@@ -176,8 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxllm.precision import get_policy
 
     options = parse_generate_options(args.options)
-    cfg = _workdir_config(args.workdir, [])
-    session, params, _ = _restore_params(args.workdir, cfg)
+    cfg = workdir_config(args.workdir, [])
+    session, params, _ = restore_params(args.workdir, cfg)
     tok = session.tokenizer
     # Training streams put EOS between documents, so EOS + prompt reads as a new document.
     prompt = [tok.eos_id, *tok.encode(args.prompt)]

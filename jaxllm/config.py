@@ -53,6 +53,9 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = field(default="none", metadata=_choices("none", "full", "save_dots"))
     num_classes: int = 0  # >0 adds a classification head (classify task)
+    # classify: the head reads the last real token (EOS, as GPT2ForSequenceClassification)
+    # or the mean over the example's tokens.
+    pooling: str = field(default="last", metadata=_choices("last", "mean"))
 
     @property
     def kv_heads(self) -> int:
@@ -97,6 +100,11 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     z_loss: float = 0.0
+    label_smoothing: float = 0.0  # 0..1: mass spread uniformly over the other classes/tokens
+    # classify: "none", "balanced" (n / (C * count_c) from the train split, as sklearn) or a
+    # list of one weight per class.
+    class_weights: str | list[float] = "none"
+    focal_gamma: float = 0.0  # classify: focal loss (Lin et al. 2017) exponent; 0 = off
     max_nonfinite_steps: int = 20  # stop after this many NaN/Inf steps in a row
     preflight_disk: bool = True  # refuse to start if the disk cannot hold two checkpoints
 
@@ -210,10 +218,31 @@ class LossScaleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How `jaxllm eval` (and the final eval of a run) scores the task.
+
+    Sequence-to-sequence tasks (translate, dialogue) decode the eval sources and score
+    the detokenised output with BLEU, chrF, ROUGE and exact match.
+    """
+
+    strategy: str = field(default="greedy", metadata=_choices("greedy", "beam"))
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_new_tokens: int = 0  # 0 = data.max_target_len, else data.seq_len // 2
+    max_examples: int = 0  # decoded examples (0 = the whole split)
+    batch_size: int = 0  # rows decoded at once (0 = train.batch_size)
+    # The metric `eval --compare` tests; "" = the task's default (lm: perplexity,
+    # classify: accuracy, translate: bleu, dialogue: rouge_l).
+    main_metric: str = ""
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass
 class Config:
     """A whole experiment."""
 
-    task: str = field(default="lm", metadata=_choices("lm"))
+    task: str = field(default="lm", metadata=_choices("lm", "classify", "translate", "dialogue"))
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
     init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +252,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -381,6 +411,50 @@ def _validate_data(d: DataConfig) -> None:
         raise UserError(f"data.user_symbols has duplicates: {d.user_symbols}; list each once")
 
 
+def _validate_task(cfg: Config) -> None:
+    t, m = cfg.train, cfg.model
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if t.focal_gamma < 0:
+        raise UserError(f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    weights = t.class_weights
+    if isinstance(weights, str) and weights not in ("none", "balanced"):
+        raise UserError(
+            f"train.class_weights is {weights!r}; use none, balanced or a list of one "
+            "weight per class"
+        )
+    if cfg.task == "classify":
+        if m.num_classes <= 0:
+            raise UserError(
+                "task=classify needs model.num_classes > 0 (the number of labels), "
+                "e.g. model.num_classes=2"
+            )
+        if isinstance(weights, list) and (
+            len(weights) != m.num_classes or any(w < 0 for w in weights)
+        ):
+            raise UserError(
+                f"train.class_weights has {len(weights)} entries; give {m.num_classes} "
+                "non-negative weights (one per class) or use balanced"
+            )
+    elif m.num_classes:
+        raise UserError(
+            f"model.num_classes={m.num_classes} adds a classification head, but task="
+            f"{cfg.task}; set task=classify or model.num_classes=0"
+        )
+    elif weights != "none" or t.focal_gamma:
+        raise UserError(
+            "train.class_weights and train.focal_gamma apply to task=classify only; "
+            "remove them or set task=classify"
+        )
+    e = cfg.eval
+    for key in ("beam_size", "bootstrap_samples"):
+        if getattr(e, key) <= 0:
+            raise UserError(f"config key 'eval.{key}' must be > 0, got {getattr(e, key)}")
+    for key in ("max_new_tokens", "max_examples", "batch_size"):
+        if getattr(e, key) < 0:
+            raise UserError(f"config key 'eval.{key}' must be >= 0, got {getattr(e, key)}")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-key types cannot express."""
     m, t = cfg.model, cfg.train
@@ -423,6 +497,7 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
     _validate_data(cfg.data)
+    _validate_task(cfg)
     if len(cfg.optim.boundaries) != len(cfg.optim.factors):
         raise UserError("optim.boundaries and optim.factors must have the same length")
     for logical, target in cfg.mesh.rules.items():

@@ -4,6 +4,13 @@ One prefill call writes the prompt's keys and values into the cache; each furthe
 step feeds one token. The whole generation is one jitted `lax.while_loop`, compiled
 once per (batch, prompt bucket, cache bucket) so repeated calls do not recompile.
 Beam search lives in `jaxllm.beam_search`; `generate(strategy="beam")` dispatches to it.
+
+Rows may have prompts of different lengths (a batch of translation sources, say): the
+prompt is left-padded to a common length P and `prompt_lengths` says how many of each
+row's trailing tokens are real. Padding gets segment id 0 (invisible to every query) and
+real token j of a row gets position j, so each row decodes exactly as it would alone,
+unpadded. The lengths are traced, so they cost no recompiles. `prefix_lm=True` makes
+the real prompt tokens a bidirectional prefix, as the prefix-LM tasks train it.
 """
 
 from __future__ import annotations
@@ -53,20 +60,74 @@ def _next_token(logits, rng, strategy, temperature, top_k, top_p):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def prefill(model: Any, params: Any, prompt: jax.Array, cache_len: int) -> tuple[jax.Array, dict]:
+def prompt_layout(
+    prompt_len: int, lengths: jax.Array | None, batch: int
+) -> tuple[jax.Array, jax.Array]:
+    """Positions and segment ids [B, P] of a left-padded prompt.
+
+    Args:
+      prompt_len: P, the padded prompt length.
+      lengths: [B] int number of real (trailing) tokens per row; None = all P.
+      batch: B.
+
+    Returns:
+      positions, 0 at each row's first real token (0 on the padding too, so that learned
+      position tables are never indexed out of range), and segment ids, 1 on real tokens
+      and 0 on the padding.
+    """
+    if lengths is None:
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    pos = jnp.arange(prompt_len, dtype=jnp.int32)[None, :] - (prompt_len - lengths[:, None])
+    real = pos >= 0
+    return jnp.maximum(pos, 0), real.astype(jnp.int32)
+
+
+def prefill(
+    model: Any,
+    params: Any,
+    prompt: jax.Array,
+    cache_len: int,
+    lengths: jax.Array | None = None,
+    prefix_lm: bool | jax.Array = False,
+) -> tuple[jax.Array, dict]:
     """Allocates an empty KV cache of `cache_len` and runs the prompt through it.
 
-    Returns the prompt's logits and the mutated variables (`{"cache": ...}`); shared by
-    sampling and beam search so both fill the cache the same way.
+    Shared by sampling and beam search so both fill the cache the same way.
+
+    Args:
+      model: a `Transformer` built with `decode=True`.
+      params: its parameters.
+      prompt: [B, P] int token ids; with `lengths`, row b's real tokens are its last
+        `lengths[b]` entries (left padding; pad values are ignored).
+      cache_len: number of cache slots (>= P plus the tokens still to come).
+      lengths: optional [B] int real-token counts in 1..P (None = every row is full).
+      prefix_lm: if True (may be traced), every real prompt token is a prefix token:
+        the prompt attends to itself bidirectionally and later tokens see all of it.
+
+    Returns:
+      The prompt's logits [B, P, V] (rows' padding positions hold meaningless values;
+      the last position is always a real token) and the mutated variables
+      (`{"cache": ...}`).
     """
     batch, prompt_len = prompt.shape
     cache = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, cache_len), jnp.int32))
     )["cache"]
     cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
+    positions, segment_ids = prompt_layout(prompt_len, lengths, batch)
+    # Pad values are arbitrary (even out of the vocabulary): an out-of-range embedding
+    # lookup gives NaN, and NaN values poison attention even under a zero weight.
+    prompt = jnp.where(segment_ids > 0, prompt, 0)
+    prefix_mask = None
+    if not (isinstance(prefix_lm, bool) and not prefix_lm):
+        prefix_mask = (segment_ids > 0) & prefix_lm
     return model.apply(
-        {"params": params, "cache": cache}, prompt, positions=positions, mutable=["cache"]
+        {"params": params, "cache": cache},
+        prompt,
+        positions=positions,
+        segment_ids=segment_ids,
+        prefix_mask=prefix_mask,
+        mutable=["cache"],
     )
 
 
@@ -81,16 +142,20 @@ def _generate(
     temperature,
     top_p,
     eos_id,
+    lengths,
+    prefix_lm,
     *,
     max_new_tokens,
     cache_len,
     strategy,
     top_k,
 ):
-    batch, prompt_len = prompt.shape
-    logits, mutated = prefill(model, params, prompt, cache_len)
+    batch, _ = prompt.shape
+    logits, mutated = prefill(model, params, prompt, cache_len, lengths, prefix_lm)
     first = _next_token(logits[:, -1], rng, strategy, temperature, top_k, top_p)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    # EOS-filled: once every row is done the loop stops early, and the unwritten tail must
+    # read as the EOS that finished rows repeat (with eos_id=-1 every slot is written).
+    out = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
     done = first == eos_id
 
     def cond(carry):
@@ -100,9 +165,13 @@ def _generate(
     def body(carry):
         i, cache, out, done, _ = carry
         token = out[:, i - 1]
-        pos = jnp.full((batch, 1), prompt_len + i - 1, jnp.int32)
+        pos = (lengths + i - 1)[:, None]  # each row continues from its own length
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, token[:, None], positions=pos, mutable=["cache"]
+            {"params": params, "cache": cache},
+            token[:, None],
+            positions=pos,
+            segment_ids=jnp.ones((batch, 1), jnp.int32),
+            mutable=["cache"],
         )
         nxt = _next_token(
             logits[:, -1], jax.random.fold_in(rng, i), strategy, temperature, top_k, top_p
@@ -136,6 +205,32 @@ def check_prompt(
     return prompt, min(model_cfg.max_len, -(-needed // BUCKET) * BUCKET)
 
 
+def check_lengths(prompt: np.ndarray, prompt_lengths: Any) -> np.ndarray:
+    """Validates per-row prompt lengths for a left-padded [B, P] prompt.
+
+    Args:
+      prompt: the [B, P] prompt (already through `check_prompt`).
+      prompt_lengths: [B] ints in 1..P, or None (every row is P tokens long).
+
+    Returns:
+      [B] int32 lengths.
+    """
+    batch, prompt_len = prompt.shape
+    if prompt_lengths is None:
+        return np.full((batch,), prompt_len, np.int32)
+    lengths = np.asarray(prompt_lengths)
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise UserError(
+            f"prompt_lengths must be {batch} integers (one per prompt row), got {lengths!r}"
+        )
+    if lengths.size and (lengths.min() < 1 or lengths.max() > prompt_len):
+        raise UserError(
+            f"prompt_lengths must lie in 1..{prompt_len} (the padded prompt length), "
+            f"got {lengths.tolist()}"
+        )
+    return lengths.astype(np.int32)
+
+
 def generate(
     model_cfg: ModelConfig,
     params: Any,
@@ -151,11 +246,20 @@ def generate(
     policy: Any = None,
     beam_size: int = 4,
     length_penalty: float = 0.6,
+    prompt_lengths: Any = None,
+    prefix_lm: bool = False,
 ) -> np.ndarray:
-    """Continues each row of `prompt` ([B, T] token ids, equal lengths) on the KV cache.
+    """Continues each row of `prompt` ([B, P] token ids) on the KV cache.
 
     `strategy="beam"` runs `jaxllm.beam_search.beam_search` with `beam_size` beams and
     GNMT `length_penalty` (alpha) and returns the best hypothesis per row.
+
+    Args:
+      prompt_lengths: optional [B] ints in 1..P for prompts of different lengths: row b's
+        prompt is its last `prompt_lengths[b]` tokens (left-padded; pad values are
+        ignored). Each row then continues exactly as it would alone. None = all P long.
+      prefix_lm: treat each row's prompt as a prefix-LM prefix (bidirectional attention
+        over it, as `prefix_mask` in training); False = plain causal LM.
 
     Returns:
       [B, max_new_tokens] int32 new tokens; after a row emits `eos_id` it repeats it.
@@ -174,6 +278,8 @@ def generate(
             length_penalty=length_penalty,
             eos_id=eos_id,
             policy=policy,
+            prompt_lengths=prompt_lengths,
+            prefix_lm=prefix_lm,
         )
         return tokens
     if temperature <= 0 and strategy == "sample":
@@ -181,6 +287,7 @@ def generate(
     if not 0.0 < top_p <= 1.0 or top_k < 0:
         raise UserError(f"top_p must be in (0, 1] and top_k >= 0, got {top_p}, {top_k}")
     prompt, cache_len = check_prompt(model_cfg, prompt, max_new_tokens)
+    lengths = check_lengths(prompt, prompt_lengths)
     model = build_model(model_cfg, policy, decode=True)
     out = _generate(
         model,
@@ -190,6 +297,8 @@ def generate(
         jnp.float32(temperature),
         jnp.float32(top_p),
         jnp.int32(eos_id),
+        jnp.asarray(lengths),
+        jnp.bool_(prefix_lm),  # traced: the flag costs no second compile
         max_new_tokens=max_new_tokens,
         cache_len=cache_len,
         strategy=strategy,

@@ -120,6 +120,26 @@ class Block(nn.Module):
         return (x, positions, segment_ids, prefix_mask), None
 
 
+def pool_hidden(x: jax.Array, segment_ids: jax.Array | None, pooling: str) -> jax.Array:
+    """One vector per row: the last real token's hidden state, or the mean over real tokens.
+
+    Args:
+      x: [B, T, D] final hidden states.
+      segment_ids: [B, T], 0 on padding (None: every position is real).
+      pooling: ``last`` or ``mean``.
+
+    Returns:
+      [B, D] pooled states (a row with no real token pools to position 0 / zeros).
+    """
+    real = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids > 0
+    if pooling == "mean":
+        w = real.astype(x.dtype)[..., None]
+        return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+    # Rows are left-aligned, so the last real token sits at (number of real tokens - 1).
+    last = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+
+
 class Transformer(nn.Module):
     """Decoder-only Transformer language model.
 
@@ -160,7 +180,8 @@ class Transformer(nn.Module):
           return_hidden: also return the final hidden states (distillation, heads).
 
         Returns:
-          logits [B, T, vocab] in `output_dtype` (and hidden [B, T, d_model] if asked).
+          logits [B, T, vocab] in `output_dtype` (and hidden [B, T, d_model] if asked);
+          with `cfg.num_classes` > 0, class logits [B, num_classes] instead.
         """
         cfg = self.cfg
         if positions is None:
@@ -214,6 +235,20 @@ class Transformer(nn.Module):
                 carry, _ = block_cls(**block_kw, name=f"layer_{i}")(carry, window)
         x = make_norm(cfg, self.dtype, self.param_dtype, "final_norm")(carry[0])
 
+        if cfg.num_classes:
+            # A classifier replaces the LM head (as Hugging Face's *ForSequenceClassification):
+            # the backbone is shared with the LM, so `init_from` an LM checkpoint loads it all.
+            pooled = pool_hidden(x, segment_ids, cfg.pooling)
+            logits = nn.Dense(
+                cfg.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=partitioned(nn.initializers.normal(0.02), "embed", None),
+                bias_init=partitioned(nn.initializers.zeros, None),
+                name="cls_head",
+            )(pooled)
+            logits = logits.astype(self.output_dtype)
+            return (logits, x) if return_hidden else logits
         if cfg.tied:
             logits = embed.attend(x)
         else:

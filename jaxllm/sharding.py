@@ -153,14 +153,19 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def check_batch_divides(global_batch: int, mesh: Mesh, rules: Rules) -> None:
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many shards the batch dimension is split into (a batch must divide by it)."""
     spec = batch_sharding(mesh, rules).spec[0]
     names = spec if isinstance(spec, tuple) else (spec,) if spec else ()
-    ways = math.prod(mesh.shape[a] for a in names)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh, rules: Rules) -> None:
+    ways = batch_ways(mesh, rules)
     if global_batch % ways:
         raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {ways} batch shards of "
-            f"the mesh ({', '.join(names)}); use a multiple of {ways}"
+            f"the mesh; use a multiple of {ways}"
         )
     if global_batch % jax.process_count():
         raise UserError(

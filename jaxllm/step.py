@@ -20,9 +20,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxllm import precision, sharding
+from jaxllm import precision, sharding, tasks
 from jaxllm.config import Config
-from jaxllm.tasks import lm_loss_sums, model_kwargs
+from jaxllm.tasks import SUM_KEYS, model_kwargs
 
 
 @struct.dataclass
@@ -67,7 +67,7 @@ def init_params(model: nn.Module, cfg: Config, rng: jax.Array) -> Any:
     return model.init({"params": rng}, tokens)["params"]
 
 
-def make_loss_fn(model: nn.Module, cfg: Config) -> Callable:
+def make_loss_fn(model: nn.Module, cfg: Config, class_weights: Any = None) -> Callable:
     """loss(params, micro_batch, dropout_rng, total_weight) -> (scalar, sums)."""
     deterministic = cfg.model.dropout == 0.0
 
@@ -79,7 +79,7 @@ def make_loss_fn(model: nn.Module, cfg: Config) -> Callable:
             rngs={"dropout": rng},
             **model_kwargs(batch),
         )
-        sums = lm_loss_sums(logits, batch["targets"], batch["weights"], cfg.train.z_loss)
+        sums = tasks.loss_sums(cfg.task, logits, batch, cfg.train, class_weights)
         # Divide by the *global* token count so micro-batches and shards add up exactly.
         return sums["loss_sum"] / total_weight, sums
 
@@ -91,10 +91,14 @@ def _split_micro(batch: dict, n: int) -> dict:
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, cfg: Config, schedule: Callable
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: Config,
+    schedule: Callable,
+    class_weights: Any = None,
 ) -> Callable:
     """Builds the (unjitted) train step: grads over micro-batches, loss scale, update."""
-    loss_fn = make_loss_fn(model, cfg)
+    loss_fn = make_loss_fn(model, cfg, class_weights)
     n_micro = cfg.train.grad_accum
     ls_cfg = cfg.loss_scale
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
@@ -112,7 +116,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # Dropout keys depend only on (seed, step): a resumed run draws the same masks.
         rng = jax.random.fold_in(base_rng, state.step)
-        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        total_weight = jnp.maximum(tasks.total_weight(cfg.task, batch, class_weights), 1e-6)
         if n_micro == 1:
             grads, sums = scaled_grads(state.params, batch, rng, total_weight, state.loss_scale)
         else:
@@ -125,7 +129,7 @@ def make_train_step(
                 return jax.tree.map(jnp.add, acc, (g, s)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
             (grads, sums), _ = jax.lax.scan(
                 body, (zeros, zero_sums), (_split_micro(batch, n_micro), jnp.arange(n_micro))
             )
@@ -152,8 +156,8 @@ def make_train_step(
             "loss": sums["ce_sum"] / total_weight,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "tokens": sums["weight_sum"],
-            "accuracy": sums["correct_sum"] / total_weight,
+            "tokens": sums["count_sum"],
+            "accuracy": sums["correct_sum"] / jnp.maximum(sums["count_sum"], 1.0),
             "loss_scale": new_state.loss_scale.scale,
             "skipped": 1.0 - finite.astype(jnp.float32),
             "nonfinite_streak": new_state.nonfinite_streak,
@@ -164,15 +168,16 @@ def make_train_step(
     return train_step
 
 
-_SUM_KEYS = ("loss_sum", "ce_sum", "correct_sum", "weight_sum")
+def make_eval_step(model: nn.Module, cfg: Config, class_weights: Any = None) -> Callable:
+    """eval(params, batch) -> sums of cross-entropy, correct tokens and weights.
 
-
-def make_eval_step(model: nn.Module, cfg: Config) -> Callable:
-    """eval(params, batch) -> sums of cross-entropy, correct tokens and weights."""
+    classify also returns the per-row `predictions` and `labels` (for F1 and the
+    confusion matrix); they come back replicated, so every host sees all rows.
+    """
 
     def eval_step(params, batch):
         logits = model.apply({"params": params}, batch["inputs"], **model_kwargs(batch))
-        return lm_loss_sums(logits, batch["targets"], batch["weights"])
+        return tasks.eval_sums(cfg.task, logits, batch, class_weights)
 
     return eval_step
 
@@ -183,6 +188,7 @@ def compile_steps(
     cfg: Config,
     schedule: Callable,
     mesh: Mesh,
+    class_weights: Any = None,
 ) -> CompiledSteps:
     """Derives state shardings from the logical annotations and jits init/train/eval."""
     rules = sharding.logical_rules(cfg.mesh)
@@ -226,15 +232,18 @@ def compile_steps(
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
     )
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    # Split the leading (batch) dim of every batch array, whatever its rank ([B] labels too).
+    batch_sh = sharding.batch_sharding(mesh, rules, ndim=1)
     train_jit = jax.jit(
-        make_train_step(model, tx, cfg, schedule),
+        make_train_step(model, tx, cfg, schedule, class_weights),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, repl),
         donate_argnums=0,
     )
     eval_jit = jax.jit(
-        make_eval_step(model, cfg), in_shardings=(param_sh, batch_sh), out_shardings=repl
+        make_eval_step(model, cfg, class_weights),
+        in_shardings=(param_sh, batch_sh),
+        out_shardings=repl,
     )
     init_jit = jax.jit(create_state, out_shardings=state_sh)
 

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxllm import data, flops, guards, optim, sharding
+from jaxllm import data, flops, guards, optim, sharding, tasks, transfer
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config, save_config
 from jaxllm.errors import UserError
+from jaxllm.evaluation import batch_iterator, evaluate
 from jaxllm.logger import MetricsLogger
 from jaxllm.model import build_model
 from jaxllm.precision import get_policy
@@ -41,6 +42,30 @@ class Session:
     tokenizer: Any
     steps: CompiledSteps
     checkpointer: Checkpointer | None
+    # classify only: class names, the training labels (majority baseline, balanced
+    # weights) and the class weights the loss uses (None = unweighted).
+    label_names: list[str] | None = None
+    train_labels: Any = None
+    class_weights: Any = None
+
+
+def _classify_setup(cfg: Config) -> tuple[list[str] | None, np.ndarray, Any]:
+    records = data.load_records(cfg.data, cfg.data.train_split, "classify")
+    labels = np.asarray([records[i]["label"] for i in range(len(records))], np.int64)
+    n = cfg.model.num_classes
+    if labels.size and labels.max() >= n:
+        raise UserError(
+            f"the training labels go up to {labels.max()} but model.num_classes={n}; "
+            f"set model.num_classes={int(labels.max()) + 1}"
+        )
+    names = records.label_names
+    if names is not None and len(names) != n:
+        log.warning("the source has %d label names but model.num_classes=%d", len(names), n)
+        names = names[:n] + [str(c) for c in range(len(names), n)]
+    weights = tasks.resolve_class_weights(cfg.train.class_weights, labels, n)
+    if weights is not None:
+        log.info("class weights: %s", np.round(weights, 3).tolist())
+    return names, labels, weights
 
 
 def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Session:
@@ -48,6 +73,9 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
     sharding.init_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch_divides(cfg.train.batch_size, mesh, sharding.logical_rules(cfg.mesh))
+    if cfg.init_from and not cfg.data.tokenizer:
+        # A fine-tuned model must read text exactly as its pretrained backbone did.
+        cfg.data.tokenizer = transfer.pretrained_tokenizer(cfg.init_from)
     tokenizer = data.get_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
@@ -57,7 +85,10 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
     model = build_model(cfg.model, get_policy(cfg.precision))
     schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    steps = compile_steps(model, tx, cfg, schedule, mesh)
+    names, labels, weights = None, None, None
+    if cfg.task == "classify":
+        names, labels, weights = _classify_setup(cfg)
+    steps = compile_steps(model, tx, cfg, schedule, mesh, weights)
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(
@@ -65,50 +96,7 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
             keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpoint,
         )
-    return Session(cfg, model, tokenizer, steps, ckpt)
-
-
-def _iterator(session: Session, split: str, train: bool):
-    cfg = session.cfg
-    kw = dict(
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=cfg.train.seed,
-        shuffle=train,
-        repeat=train,
-    )
-    if cfg.task == "lm" and not cfg.data.pack:
-        # Fixed windows over one token stream, tokenized once and cached on disk.
-        return data.make_lm_iterator(cfg, session.tokenizer, split, cfg.train.batch_size, **kw)
-    records = data.load_records(cfg.data, split, cfg.task)
-    return data.make_task_iterator(
-        cfg, session.tokenizer, records, split, cfg.task, cfg.train.batch_size, **kw
-    )
-
-
-def evaluate(session: Session, params: Any, max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy on the eval split."""
-    cfg, cs = session.cfg, session.steps
-    totals = {"ce_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
-    n = max_batches if max_batches is not None else cfg.train.eval_batches
-    for i, batch in enumerate(_iterator(session, cfg.data.eval_split, train=False)):
-        if n and i >= n:
-            break
-        sums = jax.device_get(cs.eval(params, sharding.make_global_batch(batch, cs.mesh, cs.rules)))
-        for k in totals:
-            totals[k] += float(sums[k])
-    if totals["weight_sum"] == 0:
-        raise UserError(
-            f"eval split '{cfg.data.eval_split}' produced no tokens; use a larger corpus "
-            "or a smaller data.seq_len / train.batch_size"
-        )
-    loss = totals["ce_sum"] / totals["weight_sum"]
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "accuracy": totals["correct_sum"] / totals["weight_sum"],
-        "tokens": totals["weight_sum"],
-    }
+    return Session(cfg, model, tokenizer, steps, ckpt, names, labels, weights)
 
 
 def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
@@ -119,8 +107,9 @@ def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
         return state, data_state, step
     state = cs.init()
     if cfg.init_from:
-        source = Checkpointer(os.path.join(cfg.init_from, "checkpoints"), async_save=False)
-        params, _ = source.restore_params(cs.abstract_state.params)
+        params, _ = transfer.load_pretrained(
+            cfg.init_from, state.params, cs.abstract_state.params, cfg, cs.mesh, cs.rules
+        )
         state = state.replace(params=params)
     return state, {}, 0
 
@@ -154,16 +143,19 @@ class _Throughput:
 def _log_record(cfg: Config, metrics: Any, throughput: _Throughput) -> dict[str, float]:
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     tps, mfu = throughput.read_and_reset()
-    record = {
-        "loss": host["loss"],
-        "perplexity": math.exp(min(host["loss"], 50.0)),
-        "lr": host["lr"],
-        "grad_norm": host["grad_norm"],
-        "accuracy": host["accuracy"],
-        "tokens_per_sec": tps,
-        "mfu": mfu,
-        "nonfinite_steps": host["nonfinite_total"],
-    }
+    record = {"loss": host["loss"]}
+    if cfg.task != "classify":
+        record["perplexity"] = math.exp(min(host["loss"], 50.0))
+    record.update(
+        {
+            "lr": host["lr"],
+            "grad_norm": host["grad_norm"],
+            "accuracy": host["accuracy"],
+            "tokens_per_sec": tps,
+            "mfu": mfu,
+            "nonfinite_steps": host["nonfinite_total"],
+        }
+    )
     if cfg.precision == "fp16":
         record.update(loss_scale=host["loss_scale"], skipped=host["skipped"])
     return record
@@ -206,7 +198,7 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
         guards.preflight_disk(workdir, cs.abstract_state, tc.keep_checkpoints)
     _prepare_workdir(cfg, session, workdir)
     state, data_state, start = _restore_or_init(session)
-    it = _iterator(session, cfg.data.train_split, train=True)
+    it = batch_iterator(session, cfg.data.train_split, train=True)
     if data_state:
         it.set_state(data_state)
 
@@ -237,7 +229,7 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
                 record = _log_record(cfg, metrics, throughput)
                 first_loss = record["loss"] if first_loss is None else first_loss
                 if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                    evals = evaluate(session, state.params)
+                    evals = _scalars(evaluate(session, state.params))
                     record.update({f"eval_{k}": v for k, v in evals.items()})
                 logger.write(done, record)
                 bar.set_postfix(
@@ -263,7 +255,9 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
         )
         summary.update(preempted=True, steps=done, state=state, session=session)
         return summary
-    final_eval = evaluate(session, state.params)
+    # The final eval also decodes (translate, dialogue): BLEU/chrF/ROUGE of the run.
+    full_eval = evaluate(session, state.params, generate=True)
+    final_eval = _scalars(full_eval)
     logger.write(tc.steps, {f"eval_{k}": v for k, v in final_eval.items()})
     logger.close()
     if ckpt is not None:
@@ -275,7 +269,13 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
         **{f"eval_{k}": v for k, v in final_eval.items()},
     )
     summary["state"], summary["session"] = state, session
+    summary["eval_details"] = full_eval.get("details")
     return summary
+
+
+def _scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The flat numeric metrics of an eval result (details and outputs left out)."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
 
 def host_params(state: Any) -> Any:
