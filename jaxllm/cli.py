@@ -116,6 +116,14 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _write_json(path: str, obj: dict) -> None:
+    import jax
+
+    if jax.process_index() == 0:  # every host computed the same result; one writes it
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from jaxllm.evaluation import evaluate
 
@@ -124,8 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         dir_a, dir_b = args.compare
         result = compare_workdirs(dir_a, dir_b, args.overrides)
-        with open(os.path.join(dir_b, "compare.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        _write_json(os.path.join(dir_b, "compare.json"), result)
         _print_table({k: v for k, v in result.items() if not k.startswith("metrics_")})
         return 0
     cfg = workdir_config(args.workdir, args.overrides)
@@ -136,8 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "split": cfg.data.eval_split,
         **evaluate(session, params, generate=True),
     }
-    with open(os.path.join(args.workdir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    _write_json(os.path.join(args.workdir, "eval.json"), result)
     _print_table(result)
     return 0
 
@@ -162,28 +168,64 @@ def parse_generate_options(options: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _classify_prompt(session: Any, params: Any, text: str) -> str:
+    """The predicted label of `text` and the top class probabilities, one per line."""
+    import jax
+    import numpy as np
+
+    tok = session.tokenizer
+    ids = np.asarray([[tok.bos_id, *tok.encode(text)][: session.cfg.data.seq_len]], np.int32)
+    logits = session.model.apply({"params": params}, ids)
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    names = session.label_names or [str(c) for c in range(len(probs))]
+    top = np.argsort(-probs)[:5]
+    return "\n".join(f"{names[c]}\t{probs[c]:.4f}" for c in top)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxllm.decode import generate
     from jaxllm.precision import get_policy
+    from jaxllm.tasks import SEQ2SEQ_TASKS
 
     options = parse_generate_options(args.options)
     cfg = workdir_config(args.workdir, [])
     session, params, _ = restore_params(args.workdir, cfg)
+    if cfg.task == "classify":
+        print(_classify_prompt(session, params, args.prompt))
+        return 0
     tok = session.tokenizer
-    # Training streams put EOS between documents, so EOS + prompt reads as a new document.
-    prompt = [tok.eos_id, *tok.encode(args.prompt)]
+    seq2seq = cfg.task in SEQ2SEQ_TASKS
+    if seq2seq:
+        from jaxllm.data.formats import format_records
+
+        # The prompt is the source (translate) or the conversation so far, one turn a line
+        # (dialogue), formatted as in training: [BOS] source SEP, decoded as a prefix-LM.
+        record = (
+            {"source": args.prompt, "target": ""}
+            if cfg.task == "translate"
+            else {"history": args.prompt.split("\n"), "response": ""}
+        )
+        (example,) = format_records(cfg.task, [record], tok, history_turns=cfg.data.history_turns)
+        prompt = [tok.bos_id, *example.prefix]
+    else:
+        # Training streams put EOS between documents, so EOS + prompt reads as a new document.
+        prompt = [tok.eos_id, *tok.encode(args.prompt)]
     new = generate(
         cfg.model,
         params,
         np.asarray([prompt]),
         eos_id=tok.eos_id,
         policy=get_policy(cfg.precision),
+        prefix_lm=seq2seq,
         **options,
     )[0].tolist()
     if tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]
+    if seq2seq:
+        print(tok.decode(new))
+        return 0
     # Decode prompt and continuation together: SentencePiece drops a leading space when a
     # piece is decoded on its own, which would glue the first new word to the prompt.
     print(tok.decode(prompt[1:] + new))

@@ -269,7 +269,8 @@ def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
         **{f"eval_{k}": v for k, v in final_eval.items()},
     )
     summary["state"], summary["session"] = state, session
-    summary["eval_details"] = full_eval.get("details")
+    if "details" in full_eval:
+        summary["eval_details"] = full_eval["details"]
     return summary
 
 

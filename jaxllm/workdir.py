@@ -55,14 +55,19 @@ def fit_mesh_to_devices(cfg: Any) -> None:
     cfg.train.batch_size = -(-cfg.train.batch_size // batch_ways) * batch_ways
 
 
-def restore_params(workdir: str, cfg: Any) -> tuple[Any, Any, int]:
+def restore_params(workdir: str, cfg: Any, devices: Any = None) -> tuple[Any, Any, int]:
     """Builds the session of `cfg` and restores the latest parameters of `workdir`.
+
+    Args:
+      workdir: A trained workdir.
+      cfg: Its config (from :func:`workdir_config`).
+      devices: Devices of the mesh (default: all).
 
     Returns:
       ``(session, params, step)``.
     """
     from jaxllm.train import build_session
 
-    session = build_session(cfg, workdir)
+    session = build_session(cfg, workdir, devices)
     params, step = session.checkpointer.restore_params(session.steps.abstract_state.params)
     return session, params, step
