@@ -10,6 +10,11 @@
   scored against the raw reference text: BLEU and chrF (sacrebleu), ROUGE-1/2/L
   (rouge-score), exact match.
 
+Every final eval also reports the trivial baseline a model must beat: the majority
+class (classify), an add-one unigram model of the training targets
+(``baseline_perplexity``), and for decoding the source copied (translate) or the last
+turn echoed back (dialogue) as the hypothesis (``baseline_bleu/chrf/rouge_l``).
+
 With ``keep_outputs=True`` the per-example outputs come back under ``"outputs"`` so
 that two models can be compared by paired bootstrap (:mod:`jaxllm.compare`).
 """
@@ -149,6 +154,30 @@ def seq2seq_examples(cfg: Any, tokenizer: Any, split: str, limit: int = 0):
         refs.append(rec[ref_key])
         copies.append(rec["source"] if cfg.task == "translate" else rec["history"][-1])
     return prompts, refs, copies
+
+
+def _target_tokens(cfg: Any, tokenizer: Any, split: str) -> np.ndarray:
+    """Every scored target token of a split (what perplexity averages over)."""
+    if cfg.task == "lm" and not cfg.data.pack:
+        return np.asarray(data.split_tokens(cfg.data, tokenizer, split))
+    records = data.load_records(cfg.data, split, cfg.task)
+    recs = [records[i] for i in range(len(records))]
+    examples = format_records(cfg.task, recs, tokenizer, history_turns=cfg.data.history_turns)
+    return np.asarray([t for ex in examples for t in ex.target], np.int64)
+
+
+def unigram_perplexity(cfg: Any, tokenizer: Any) -> float:
+    """Perplexity of an add-one unigram model of the training targets on the eval targets.
+
+    The baseline a sequence model must beat: it knows which tokens are frequent but
+    nothing about context. Counts come from the training split, scored on the eval split
+    (every target token, lengths not truncated).
+    """
+    vocab = cfg.model.vocab_size
+    counts = np.bincount(_target_tokens(cfg, tokenizer, cfg.data.train_split), minlength=vocab)
+    probs = (counts[:vocab] + 1.0) / (counts[:vocab].sum() + vocab)
+    eval_tokens = _target_tokens(cfg, tokenizer, cfg.data.eval_split)
+    return float(np.exp(-np.mean(np.log(probs[eval_tokens]))))
 
 
 def _decode_all(session: Any, params: Any, prompts: list[list[int]]) -> list[list[int]]:
@@ -335,6 +364,8 @@ def evaluate(
             "row_ce": scored["row_ce"][keep],
             "row_weight": scored["row_weight"][keep],
         }
+    if generate and cfg.task != "classify":
+        result["baseline_perplexity"] = unigram_perplexity(cfg, session.tokenizer)
     if generate and cfg.task in SEQ2SEQ_TASKS:
         prompts, refs, copies = seq2seq_examples(
             cfg, session.tokenizer, cfg.data.eval_split, cfg.eval.max_examples

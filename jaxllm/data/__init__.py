@@ -123,7 +123,7 @@ def get_tokenizer(cfg: Config) -> Tokenizer:
     return tok
 
 
-def _split_tokens(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> np.ndarray:
+def split_tokens(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> np.ndarray:
     """The split as one EOS-separated token stream, cached as .npy and memory mapped."""
     source = parse_source(cfg, "lm")
     root = data_dir(cfg)
@@ -175,7 +175,7 @@ def make_lm_iterator(
       UserError: For a bad source/split, an indivisible batch or a too-small split.
     """
     is_train = split == cfg.data.train_split
-    tokens = _split_tokens(cfg.data, tokenizer, split)
+    tokens = split_tokens(cfg.data, tokenizer, split)
     return lm_iterator(
         tokens,
         seq_len=cfg.data.seq_len,
