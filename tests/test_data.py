@@ -209,7 +209,7 @@ def test_tokenizer_user_errors(env, tmp_path):
 def test_train_batches_shapes_and_shift(env):
     cfg, tok = env
     it = data.make_lm_iterator(cfg, tok, "train", 8)
-    tokens = data._split_tokens(cfg.data, tok, "train")
+    tokens = data.split_tokens(cfg.data, tok, "train")
     windows = _windows(tokens, cfg.data.seq_len + 1)
     assert it.num_windows == len(tokens) // 129
     # A few windows repeat verbatim (stdlib docstrings that are copies of each other).
@@ -230,7 +230,7 @@ def test_train_epochs_are_permutations_reshuffled_each_epoch(env):
     cfg, tok = env
     it = data.make_lm_iterator(cfg, tok, "validation", 16, shuffle=True, repeat=True, seed=7)
     n = it.num_windows
-    windows = _windows(data._split_tokens(cfg.data, tok, "validation"), 129)
+    windows = _windows(data.split_tokens(cfg.data, tok, "validation"), 129)
     seen = [windows[r.tobytes()] for b in _take(it, -(-2 * n // 16)) for r in _rows(b)]
     assert sorted(seen[:n]) == list(range(n)) == sorted(seen[n : 2 * n])
     assert seen[:n] != seen[n : 2 * n] and seen[:n] != list(range(n))
@@ -246,7 +246,7 @@ def test_train_epochs_are_permutations_reshuffled_each_epoch(env):
 
 def test_eval_scores_every_token_once(env):
     cfg, tok = env
-    tokens = np.asarray(data._split_tokens(cfg.data, tok, "validation"), np.int32)
+    tokens = np.asarray(data.split_tokens(cfg.data, tok, "validation"), np.int32)
     it = data.make_lm_iterator(cfg, tok, "validation", 16)
     batches = list(it)  # eval: one pass, then StopIteration
     assert len(batches) == it.num_batches == -(-it.num_windows // 16)
@@ -421,7 +421,7 @@ def test_concurrent_processes_train_the_tokenizer_once(tmp_path):
             return train(*args, **kwargs)
         tokenizer_module.train_tokenizer = logged_train
         tok = data.get_tokenizer(cfg)
-        print(tok.fingerprint, len(data._split_tokens(cfg.data, tok, "train")))
+        print(tok.fingerprint, len(data.split_tokens(cfg.data, tok, "train")))
         """
     )
     procs = [
