@@ -138,7 +138,9 @@ def _one_line_or_ok(fn):
         assert str(e) and "\n" not in str(e), repr(str(e))
 
 
-@settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    derandomize=True, max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     st.lists(
         st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=15)), VALUES),
@@ -167,8 +169,9 @@ FILE_BODIES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(derandomize=True, max_examples=150, deadline=5000,
+          suppress_health_check=[HealthCheck.too_slow,
+                                 HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(body=FILE_BODIES)
 def test_fuzz_text_data_files(tmp_path, body):
     FUZZ_COUNT["n"] += 1
@@ -187,7 +190,9 @@ TABLE_BODIES = st.one_of(
             max_size=4,
         ).map("\t".join),
         max_size=12,
-    ).map(lambda rows: "\n".join(rows).encode()),  # wrong and missing columns
+    ).map(
+        lambda rows: "\n".join(rows).encode("utf-8", "surrogatepass")
+    ),  # wrong and missing columns
     st.lists(
         st.one_of(
             st.dictionaries(
@@ -198,12 +203,13 @@ TABLE_BODIES = st.one_of(
             st.text(max_size=20),
         ),
         max_size=10,
-    ).map(lambda rows: "\n".join(rows).encode()),
+    ).map(lambda rows: "\n".join(rows).encode("utf-8", "surrogatepass")),
 )
 
 
-@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow,
-          HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(derandomize=True, max_examples=150, deadline=5000,
+          suppress_health_check=[HealthCheck.too_slow,
+                                 HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(
     body=TABLE_BODIES,
     kind=st.sampled_from(
