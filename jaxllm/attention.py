@@ -127,6 +127,18 @@ class Projection(nn.Module):
         return y
 
 
+def _self_mask(positions, segment_ids, prefix_mask, window):
+    """The mask of a sequence attending to itself (full forward, or cache allocation)."""
+    return attention_mask(
+        positions,
+        positions,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
+        kv_prefix=prefix_mask,
+        window=window,
+    )
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with an optional KV cache.
 
@@ -179,14 +191,7 @@ class Attention(nn.Module):
         if self.decode:
             k, v, mask = self._update_cache(k, v, positions, segment_ids, prefix_mask, window)
         else:
-            mask = attention_mask(
-                positions,
-                positions,
-                q_segment_ids=segment_ids,
-                kv_segment_ids=segment_ids,
-                kv_prefix=prefix_mask,
-                window=window,
-            )
+            mask = _self_mask(positions, segment_ids, prefix_mask, window)
         if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
             # so on CPU (tests, laptops) the attention core runs in fp32.
@@ -230,15 +235,7 @@ class Attention(nn.Module):
         cached_pos = self.variable("cache", "cached_position", jnp.zeros, k.shape[:2], jnp.int32)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only allocates the cache
-            mask = attention_mask(
-                positions,
-                positions,
-                q_segment_ids=segment_ids,
-                kv_segment_ids=segment_ids,
-                kv_prefix=prefix_mask,
-                window=window,
-            )
-            return k, v, mask
+            return k, v, _self_mask(positions, segment_ids, prefix_mask, window)
         i = index.value
 
         def write(cache, new):
