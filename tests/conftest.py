@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -13,10 +14,19 @@ os.environ.setdefault("JAXLLM_DATA_DIR", os.path.join(REPO, ".cache", "data"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 
+def pytest_configure(config):
+    """The controlling process names the file the fault counts go to (workers inherit it)."""
+    if not hasattr(config, "workerinput"):
+        fd, path = tempfile.mkstemp(prefix="jaxllm-faultlog-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["JAXLLM_FAULTLOG"] = path
+
+
 def pytest_terminal_summary(terminalreporter):
     """Prints the fault-injection totals (tests/test_faults.py) when any ran."""
-    from faultlog import TOTALS
+    from faultlog import totals
 
-    if any(TOTALS.values()):
+    counts = totals()
+    if any(counts.values()):
         terminalreporter.write_sep("=", "fault injection")
-        terminalreporter.write_line(", ".join(f"{k}: {v}" for k, v in TOTALS.items()))
+        terminalreporter.write_line(", ".join(f"{k}: {v}" for k, v in counts.items()))
