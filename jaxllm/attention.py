@@ -106,6 +106,14 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_axes)
+        if self.is_mutable_collection("calibration") and not self.is_initializing():
+            # PTQ calibration reads every projection's input (static activation scales).
+            self.sow("calibration", "inputs", x)
+        hook = self.dot_general_cls() if self.dot_general_cls else None
+        if getattr(hook, "stored_kernel", False):
+            # quant=int: the kernel parameter is {"qvalue": int8, "scale"} (compress.qmodel).
+            y = hook.apply(self, x, n_in, self.features, self.in_axes, self.out_axes)
+            return self._add_bias(y)
         kernel = self.param(
             "kernel",
             partitioned(nn.initializers.normal(0.02), *self.in_axes, *self.out_axes),
@@ -113,9 +121,11 @@ class Projection(nn.Module):
             self.param_dtype,
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        dot_general = self.dot_general_cls() if self.dot_general_cls else jax.lax.dot_general
+        dot_general = hook or jax.lax.dot_general
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = dot_general(x, kernel, (contract, ((), ())))
+        return self._add_bias(dot_general(x, kernel, (contract, ((), ()))))
+
+    def _add_bias(self, y: jax.Array) -> jax.Array:
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -125,6 +135,14 @@ class Projection(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention probabilities [B, heads, Tq, Tk] in fp32 (kv heads repeated for GQA)."""
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    logits = jnp.where(mask, logits / jnp.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def _self_mask(positions, segment_ids, prefix_mask, window):
@@ -192,6 +210,13 @@ class Attention(nn.Module):
             k, v, mask = self._update_cache(k, v, positions, segment_ids, prefix_mask, window)
         else:
             mask = _self_mask(positions, segment_ids, prefix_mask, window)
+        if (
+            self.is_mutable_collection("intermediates")
+            and not self.decode
+            and not self.is_initializing()
+        ):
+            # Attention-map transfer (distillation) reads the probabilities back.
+            self.sow("intermediates", "attention_probs", attention_probs(q, k, mask))
         if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
             # so on CPU (tests, laptops) the attention core runs in fp32.

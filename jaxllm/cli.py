@@ -20,6 +20,8 @@ EXAMPLES = {
     "train": "jaxllm train configs/lm_tiny.yaml train.steps=100 optim.lr=1e-3 --workdir runs/tiny",
     "eval": "jaxllm eval --workdir runs/tiny train.eval_batches=0\n  "
     "jaxllm eval --compare runs/mt_scratch runs/mt_pretrained eval.main_metric=bleu",
+    "compress": "jaxllm compress configs/compress/lm_tiny_full.yaml --teacher runs/tiny "
+    "--workdir runs/tiny_compressed",
     "generate": 'jaxllm generate --workdir runs/tiny --prompt "The list type" strategy=sample '
     "temperature=0.8 top_k=40 max_new_tokens=40",
 }
@@ -88,7 +90,27 @@ def _parser() -> argparse.ArgumentParser:
         help="strategy=greedy|sample|beam max_new_tokens=N temperature=T top_k=K top_p=P "
         "seed=S beam_size=B length_penalty=A",
     )
+
+    p = add(
+        "compress",
+        "Run a compression recipe (distill -> prune -> QAT/PTQ) from a trained teacher; "
+        "writes each stage's model and WORKDIR/report.{json,md} plus a quality-vs-size plot.",
+    )
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/compress/lm_tiny_full.yaml")
+    p.add_argument("--teacher", required=True, help="a trained workdir (jaxllm train ...)")
+    p.add_argument("--workdir", required=True, help="output directory for stages and report")
+    p.add_argument("overrides", nargs="*", help="config overrides for every model")
     return parser
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from jaxllm.compress.recipe import run_recipe
+
+    result = run_recipe(args.recipe, args.teacher, args.workdir, overrides=args.overrides)
+    with open(result["paths"]["md"], encoding="utf-8") as f:
+        print(f.read())
+    print("report: " + ", ".join(result["paths"].values()))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -232,7 +254,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "compress": cmd_compress,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,18 @@ class ModelConfig:
     # classify: the head reads the last real token (EOS, as GPT2ForSequenceClassification)
     # or the mean over the example's tokens.
     pooling: str = field(default="last", metadata=_choices("last", "mean"))
+    # Quantised dense layers (attention and MLP; embeddings, norms and heads stay float):
+    # "fake" rounds in the forward pass with straight-through gradients (QAT), "int"
+    # holds integer kernels with float32 scales (a compressed, served model).
+    quant: str = field(default="none", metadata=_choices("none", "fake", "int"))
+    quant_weight_bits: int = 8  # 8, or 4 (int4 weight-only, stored in int8)
+    # Activations: int8 per token (dynamic), int8 per tensor with a calibrated static
+    # scale per layer, or left in float (weight-only).
+    quant_act: str = field(
+        default="dynamic_per_token",
+        metadata=_choices("dynamic_per_token", "static_per_tensor", "none"),
+    )
+    quant_group_size: int = 0  # >0: one weight scale per group of inputs (weight-only)
 
     @property
     def kv_heads(self) -> int:
@@ -455,6 +467,18 @@ def _validate_task(cfg: Config) -> None:
             raise UserError(f"config key 'eval.{key}' must be >= 0, got {getattr(e, key)}")
 
 
+def _validate_quant(m: ModelConfig) -> None:
+    if not 2 <= m.quant_weight_bits <= 8:
+        raise UserError(f"model.quant_weight_bits must be in 2..8, got {m.quant_weight_bits}")
+    if m.quant_group_size < 0:
+        raise UserError(f"model.quant_group_size must be >= 0, got {m.quant_group_size}")
+    if m.quant_group_size and m.quant_act != "none":
+        raise UserError(
+            "model.quant_group_size needs model.quant_act=none: group-wise weight scales "
+            "vary along the contraction, so only weight-only quantisation can use them"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-key types cannot express."""
     m, t = cfg.model, cfg.train
@@ -490,6 +514,7 @@ def validate(cfg: Config) -> Config:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={m.max_len}; "
             "raise model.max_len or lower data.seq_len"
         )
+    _validate_quant(m)
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.batch_size % t.grad_accum:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.attention import NO_WINDOW, Attention, partitioned
+from jaxllm.attention import NO_WINDOW, Attention, Projection, partitioned
 from jaxllm.config import ModelConfig
 
 REMAT_POLICIES = {
@@ -45,16 +45,15 @@ class Mlp(nn.Module):
     dot_general_cls: Any = None
 
     def _dense(self, features, in_axis, out_axis, name):
-        kw = {"dot_general_cls": self.dot_general_cls} if self.dot_general_cls else {}
-        return nn.Dense(
-            features,
+        return Projection(
+            features=(features,),
+            in_axes=(in_axis,),
+            out_axes=(out_axis,),
             use_bias=self.cfg.bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(0.02), in_axis, out_axis),
-            bias_init=partitioned(nn.initializers.zeros, out_axis),
+            dot_general_cls=self.dot_general_cls,
             name=name,
-            **kw,
         )
 
     @nn.compact
@@ -223,7 +222,9 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block_cls,
-                variable_axes={"params": 0, "cache": 0},
+                # calibration / intermediates: per-layer inputs and attention maps that
+                # PTQ calibration and distillation read back.
+                variable_axes={"params": 0, "cache": 0, "calibration": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=0,
                 length=cfg.n_layers,
@@ -239,12 +240,13 @@ class Transformer(nn.Module):
             # A classifier replaces the LM head (as Hugging Face's *ForSequenceClassification):
             # the backbone is shared with the LM, so `init_from` an LM checkpoint loads it all.
             pooled = pool_hidden(x, segment_ids, cfg.pooling)
-            logits = nn.Dense(
-                cfg.num_classes,
+            logits = Projection(
+                features=(cfg.num_classes,),
+                in_axes=("embed",),
+                out_axes=(None,),
+                use_bias=True,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=partitioned(nn.initializers.normal(0.02), "embed", None),
-                bias_init=partitioned(nn.initializers.zeros, None),
                 name="cls_head",
             )(pooled)
             logits = logits.astype(self.output_dtype)
@@ -252,12 +254,12 @@ class Transformer(nn.Module):
         if cfg.tied:
             logits = embed.attend(x)
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
+            logits = Projection(
+                features=(cfg.vocab_size,),
+                in_axes=("embed",),
+                out_axes=("vocab",),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=partitioned(nn.initializers.normal(0.02), "embed", "vocab"),
                 name="lm_head",
             )(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
@@ -273,4 +275,9 @@ def build_model(cfg: ModelConfig, policy: Any = None, decode: bool = False, **kw
             param_dtype=policy.param_dtype,
             output_dtype=policy.output_dtype,
         )
+    if "dot_general_cls" not in kw:
+        # model.quant: fake-quant (QAT) or integer kernels (a compressed model).
+        from jaxllm.compress.qmodel import dot_general_for
+
+        kw["dot_general_cls"] = dot_general_for(cfg)
     return Transformer(cfg, decode=decode, **kw)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from jaxllm import precision, sharding, tasks
 from jaxllm.config import Config
-from jaxllm.tasks import SUM_KEYS, model_kwargs
+from jaxllm.tasks import model_kwargs
 
 
 @struct.dataclass
@@ -40,6 +40,26 @@ class TrainState:
 
 
 @dataclasses.dataclass
+class StepHooks:
+    """What compression stages plug into training (every field optional).
+
+    Attributes:
+      wrap_tx: optimizer -> optimizer; pruning chains its mask transform last.
+      teacher: a `jaxllm.compress.distill.Teacher`: its forward runs inside the train
+        step (no gradients) and its loss replaces the task loss.
+      extra_params: rng -> dict of extra trainable parameters stored beside the model's
+        (e.g. the distillation projection); boxed leaves are sharded by their names.
+      init_params: params -> params for a fresh run, after init_from (a student taken
+        from the teacher's layers). The optimizer state is re-initialised from them.
+    """
+
+    wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None
+    teacher: Any = None
+    extra_params: Callable[[jax.Array], dict] | None = None
+    init_params: Callable[[Any], Any] | None = None
+
+
+@dataclasses.dataclass
 class CompiledSteps:
     """The jitted steps plus the shardings they were compiled with."""
 
@@ -50,6 +70,8 @@ class CompiledSteps:
     train: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval: Callable[[Any, dict], dict]
     abstract_state: Any
+    # Optimizer state for given params (a run that starts from loaded parameters).
+    init_opt: Callable[[Any], Any] | None = None
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -67,11 +89,18 @@ def init_params(model: nn.Module, cfg: Config, rng: jax.Array) -> Any:
     return model.init({"params": rng}, tokens)["params"]
 
 
-def make_loss_fn(model: nn.Module, cfg: Config, class_weights: Any = None) -> Callable:
-    """loss(params, micro_batch, dropout_rng, total_weight) -> (scalar, sums)."""
+def make_loss_fn(
+    model: nn.Module, cfg: Config, class_weights: Any = None, teacher: Any = None
+) -> Callable:
+    """loss(params, micro_batch, dropout_rng, total_weight, teacher_params) -> (scalar, sums)."""
     deterministic = cfg.model.dropout == 0.0
+    if teacher is not None:
+        from jaxllm.compress.distill_step import make_distill_loss_fn
 
-    def loss_fn(params, batch, rng, total_weight):
+        return make_distill_loss_fn(model, cfg, teacher, class_weights)
+
+    def loss_fn(params, batch, rng, total_weight, teacher_params=None):
+        del teacher_params
         logits = model.apply(
             {"params": params},
             batch["inputs"],
@@ -90,22 +119,28 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+def _first_micro(batch: dict, n: int) -> dict:
+    # The sums' structure depends on the loss (distillation adds kd_sum): shape it once.
+    return jax.tree.map(lambda x: x[: x.shape[0] // n], batch)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     cfg: Config,
     schedule: Callable,
     class_weights: Any = None,
+    teacher: Any = None,
 ) -> Callable:
     """Builds the (unjitted) train step: grads over micro-batches, loss scale, update."""
-    loss_fn = make_loss_fn(model, cfg, class_weights)
+    loss_fn = make_loss_fn(model, cfg, class_weights, teacher)
     n_micro = cfg.train.grad_accum
     ls_cfg = cfg.loss_scale
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
 
-    def scaled_grads(params, micro, rng, total_weight, scale):
+    def scaled_grads(params, micro, rng, total_weight, scale, teacher_params):
         def scaled_loss(p, b, r, w):
-            loss, sums = loss_fn(p, b, r, w)
+            loss, sums = loss_fn(p, b, r, w, teacher_params)
             return precision.scale_loss(scale, loss), sums
 
         (_, sums), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
@@ -113,23 +148,38 @@ def make_train_step(
         )
         return grads, sums
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(
+        state: TrainState, batch: dict, teacher_params: Any = None
+    ) -> tuple[TrainState, dict]:
         # Dropout keys depend only on (seed, step): a resumed run draws the same masks.
         rng = jax.random.fold_in(base_rng, state.step)
         total_weight = jnp.maximum(tasks.total_weight(cfg.task, batch, class_weights), 1e-6)
         if n_micro == 1:
-            grads, sums = scaled_grads(state.params, batch, rng, total_weight, state.loss_scale)
+            grads, sums = scaled_grads(
+                state.params, batch, rng, total_weight, state.loss_scale, teacher_params
+            )
         else:
 
             def body(acc, xs):
                 micro, i = xs
                 g, s = scaled_grads(
-                    state.params, micro, jax.random.fold_in(rng, i), total_weight, state.loss_scale
+                    state.params,
+                    micro,
+                    jax.random.fold_in(rng, i),
+                    total_weight,
+                    state.loss_scale,
+                    teacher_params,
                 )
                 return jax.tree.map(jnp.add, acc, (g, s)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+            zero_sums = jax.eval_shape(
+                lambda: scaled_grads(
+                    state.params, _first_micro(batch, n_micro), rng, total_weight,
+                    state.loss_scale, teacher_params,
+                )[1]
+            )  # fmt: skip
+            zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero_sums)
             (grads, sums), _ = jax.lax.scan(
                 body, (zeros, zero_sums), (_split_micro(batch, n_micro), jnp.arange(n_micro))
             )
@@ -168,6 +218,15 @@ def make_train_step(
     return train_step
 
 
+# Top-level parameter names that are not the model's (StepHooks.extra_params).
+EXTRA_PARAM_PREFIX = "distill_"
+
+
+def model_params(params: Any) -> Any:
+    """The model's own parameters (extra training-only parameters dropped)."""
+    return {k: v for k, v in params.items() if not k.startswith(EXTRA_PARAM_PREFIX)}
+
+
 def make_eval_step(model: nn.Module, cfg: Config, class_weights: Any = None) -> Callable:
     """eval(params, batch) -> sums of cross-entropy, correct tokens and weights.
 
@@ -176,6 +235,7 @@ def make_eval_step(model: nn.Module, cfg: Config, class_weights: Any = None) -> 
     """
 
     def eval_step(params, batch):
+        params = model_params(params)
         logits = model.apply({"params": params}, batch["inputs"], **model_kwargs(batch))
         return tasks.eval_sums(cfg.task, logits, batch, class_weights)
 
@@ -189,13 +249,17 @@ def compile_steps(
     schedule: Callable,
     mesh: Mesh,
     class_weights: Any = None,
+    hooks: StepHooks | None = None,
 ) -> CompiledSteps:
     """Derives state shardings from the logical annotations and jits init/train/eval."""
     rules = sharding.logical_rules(cfg.mesh)
     use_loss_scale = cfg.precision == "fp16"
+    hooks = hooks or StepHooks()
 
     def create_boxed():
         params = init_params(model, cfg, jax.random.PRNGKey(cfg.train.seed))
+        if hooks.extra_params is not None:
+            params = {**params, **hooks.extra_params(jax.random.PRNGKey(cfg.train.seed + 7))}
         return params
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -234,18 +298,35 @@ def compile_steps(
     )
     # Split the leading (batch) dim of every batch array, whatever its rank ([B] labels too).
     batch_sh = sharding.batch_sharding(mesh, rules, ndim=1)
-    train_jit = jax.jit(
-        make_train_step(model, tx, cfg, schedule, class_weights),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
-    )
+    teacher = hooks.teacher
+    train_fn = make_train_step(model, tx, cfg, schedule, class_weights, teacher)
+    if teacher is None:
+        train_jit = jax.jit(
+            train_fn,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+    else:
+        # The teacher's parameters are an argument (not constants baked into the program)
+        # placed as they were restored; the step closes over nothing large.
+        teacher_jit = jax.jit(
+            train_fn,
+            in_shardings=(state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, teacher.params)),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+
+        def train_jit(state, batch):
+            return teacher_jit(state, batch, teacher.params)
+
     eval_jit = jax.jit(
         make_eval_step(model, cfg, class_weights),
         in_shardings=(param_sh, batch_sh),
         out_shardings=repl,
     )
     init_jit = jax.jit(create_state, out_shardings=state_sh)
+    init_opt_jit = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
 
     def in_context(fn):
         # Logical constraints inside the model resolve against this mesh and rules table.
@@ -263,4 +344,5 @@ def compile_steps(
         train=in_context(train_jit),
         eval=in_context(eval_jit),
         abstract_state=abstract,
+        init_opt=in_context(init_opt_jit),
     )

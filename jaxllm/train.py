@@ -28,7 +28,7 @@ from jaxllm.evaluation import batch_iterator, evaluate
 from jaxllm.logger import MetricsLogger
 from jaxllm.model import build_model
 from jaxllm.precision import get_policy
-from jaxllm.step import CompiledSteps, compile_steps
+from jaxllm.step import CompiledSteps, StepHooks, compile_steps
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Session:
     label_names: list[str] | None = None
     train_labels: Any = None
     class_weights: Any = None
+    hooks: StepHooks | None = None
 
 
 def _classify_setup(cfg: Config) -> tuple[list[str] | None, np.ndarray, Any]:
@@ -68,8 +69,13 @@ def _classify_setup(cfg: Config) -> tuple[list[str] | None, np.ndarray, Any]:
     return names, labels, weights
 
 
-def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Session:
-    """Initialises the runtime and compiles the steps for `cfg` on its mesh."""
+def build_session(
+    cfg: Config, workdir: str | None, devices: Any = None, hooks: StepHooks | None = None
+) -> Session:
+    """Initialises the runtime and compiles the steps for `cfg` on its mesh.
+
+    `hooks` plug compression into the step (pruning masks, a distillation teacher).
+    """
     sharding.init_distributed(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch_divides(cfg.train.batch_size, mesh, sharding.logical_rules(cfg.mesh))
@@ -85,10 +91,12 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
     model = build_model(cfg.model, get_policy(cfg.precision))
     schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    if hooks is not None and hooks.wrap_tx is not None:
+        tx = hooks.wrap_tx(tx)
     names, labels, weights = None, None, None
     if cfg.task == "classify":
         names, labels, weights = _classify_setup(cfg)
-    steps = compile_steps(model, tx, cfg, schedule, mesh, weights)
+    steps = compile_steps(model, tx, cfg, schedule, mesh, weights, hooks)
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(
@@ -96,7 +104,7 @@ def build_session(cfg: Config, workdir: str | None, devices: Any = None) -> Sess
             keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpoint,
         )
-    return Session(cfg, model, tokenizer, steps, ckpt, names, labels, weights)
+    return Session(cfg, model, tokenizer, steps, ckpt, names, labels, weights, hooks)
 
 
 def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
@@ -111,6 +119,14 @@ def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
             cfg.init_from, state.params, cs.abstract_state.params, cfg, cs.mesh, cs.rules
         )
         state = state.replace(params=params)
+    hooks = session.hooks
+    if hooks is not None and hooks.init_params is not None:
+        params = jax.device_put(hooks.init_params(state.params), cs.state_shardings.params)
+        state = state.replace(params=params)
+    if cfg.init_from or (hooks is not None and hooks.init_params is not None):
+        # Optimizer state that depends on the parameters (pruning masks) must see the
+        # loaded ones, not the random initialisation.
+        state = state.replace(opt_state=cs.init_opt(state.params))
     return state, {}, 0
 
 
@@ -185,14 +201,18 @@ def _finish_saves_on_error(ckpt: Checkpointer | None, logger: MetricsLogger):
         raise
 
 
-def train(cfg: Config, workdir: str, devices: Any = None) -> dict[str, Any]:
+def train(
+    cfg: Config, workdir: str, devices: Any = None, hooks: StepHooks | None = None
+) -> dict[str, Any]:
     """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary.
+
+    `hooks` (compression stages) plug pruning, a teacher or a custom init into the step.
 
     The summary has `preempted: True` when a SIGTERM stopped the run early (after a
     checkpoint was saved); rerunning the same command then resumes.
     """
     guards.preflight_workdir(workdir)
-    session = build_session(cfg, workdir, devices)
+    session = build_session(cfg, workdir, devices, hooks)
     cs, ckpt, tc = session.steps, session.checkpointer, cfg.train
     if tc.preflight_disk:
         guards.preflight_disk(workdir, cs.abstract_state, tc.keep_checkpoints)
