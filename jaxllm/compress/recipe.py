@@ -164,12 +164,11 @@ def _check_stage(s: Stage, i: int) -> None:
 
 
 def _pattern(text: str, i: int = 0) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in text.split(":"))
+    parts = text.split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
         if 0 < n < m:
             return n, m
-    except ValueError:
-        pass
     raise UserError(f"stages[{i}].pattern must be N:M with 0 < N < M (e.g. 2:4), got {text!r}")
 
 

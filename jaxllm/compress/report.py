@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.compress.quant import is_quantized
-
 
 def count_params(params: Any) -> tuple[int, int]:
     """(parameters, non-zero parameters) of a model tree.
@@ -31,7 +29,8 @@ def count_params(params: Any) -> tuple[int, int]:
 
     def visit(node: Any, key: str = "") -> None:
         nonlocal total, nonzero
-        if is_quantized(node) or (isinstance(node, dict) and "qvalue" in node):
+        # An integer kernel: {"qvalue", "scale"} (is_quantized), maybe beside act_scale.
+        if isinstance(node, dict) and "qvalue" in node:
             arr = np.asarray(jax.device_get(node["qvalue"]))
             total, nonzero = total + arr.size, nonzero + int(np.count_nonzero(arr))
         elif isinstance(node, dict):
