@@ -51,12 +51,16 @@ class StepHooks:
         (e.g. the distillation projection); boxed leaves are sharded by their names.
       init_params: params -> params for a fresh run, after init_from (a student taken
         from the teacher's layers). The optimizer state is re-initialised from them.
+      batch_extras: session -> ((step, host batch) -> extra host arrays), called once
+        when training starts; the arrays join the step's batch (a cached teacher's
+        top-k logits, `jaxllm.compress.teacher_cache`).
     """
 
     wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None
     teacher: Any = None
     extra_params: Callable[[jax.Array], dict] | None = None
     init_params: Callable[[Any], Any] | None = None
+    batch_extras: Callable[[Any], Callable[[int, dict], dict]] | None = None
 
 
 @dataclasses.dataclass

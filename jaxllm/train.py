@@ -221,6 +221,9 @@ def train(
     it = batch_iterator(session, cfg.data.train_split, train=True)
     if data_state:
         it.set_state(data_state)
+    extras = None
+    if hooks is not None and hooks.batch_extras is not None:
+        extras = hooks.batch_extras(session)
 
     logger = MetricsLogger(workdir, tensorboard=tc.tensorboard)
     throughput = _Throughput(cfg)
@@ -235,7 +238,10 @@ def train(
     done = start
     with guards.PreemptionWatcher() as preemption, _finish_saves_on_error(ckpt, logger):
         for step in range(start, tc.steps):
-            batch = sharding.make_global_batch(next(it), cs.mesh, cs.rules)
+            host = next(it)
+            if extras is not None:
+                host = {**host, **extras(step, host)}
+            batch = sharding.make_global_batch(host, cs.mesh, cs.rules)
             state, metrics = cs.train(state, batch)
             done = step + 1
             throughput.step_done(metrics)

@@ -38,6 +38,7 @@ stages:
     train: [train.steps=6]
   - {name: qat, kind: qat, train: [train.steps=4]}
   - {name: ptq, kind: ptq, source: prune, act: static_per_tensor, calibration_batches: 1}
+  - {name: export, kind: export}
 """
 
 
@@ -74,7 +75,7 @@ def test_recipe_end_to_end_on_a_tiny_teacher(tmp_path):
     out = str(tmp_path / "out")
     result = run_recipe(_write(tmp_path / "r.yaml", RECIPE), teacher, out)
     rows = {r["stage"]: r for r in result["rows"]}
-    assert list(rows) == ["teacher", "distill", "prune", "qat", "ptq"]
+    assert list(rows) == ["teacher", "distill", "prune", "qat", "ptq", "export"]
     for name in ("report.json", "report.md", "quality_vs_size.png"):
         assert os.path.getsize(os.path.join(out, name)) > 100
     with open(os.path.join(out, "report.json")) as f:
@@ -105,6 +106,12 @@ def test_recipe_end_to_end_on_a_tiny_teacher(tmp_path):
     assert cli_main(["eval", "--workdir", ptq_dir, "train.eval_batches=1"]) == 0
     with open(os.path.join(ptq_dir, "eval.json")) as f:
         assert json.load(f)["perplexity"] == pytest.approx(rows["ptq"]["eval_perplexity"], 1e-6)
+    # The export is the ptq model, byte for byte in its parameters, with a manifest.
+    with open(os.path.join(out, "export", "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["source_stage"] == "ptq" and manifest["quant"] == "int"
+    assert rows["export"]["eval_perplexity"] == rows["ptq"]["eval_perplexity"]
+    assert rows["export"]["bytes_on_disk"] == manifest["bytes_on_disk"]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +124,9 @@ def test_recipe_end_to_end_on_a_tiny_teacher(tmp_path):
         ("- {kind: squash}", "allowed values: distill, prune"),
         ("- {name: a, kind: ptq}\n- {name: a, kind: ptq}", "used twice"),
         ("- {kind: prune, sparsity: 0.5, traim: []}", "did you mean train"),
+        ("- {kind: distill, cache_teacher: true}", "set topk"),
+        ("- {kind: distill, topk: 8, cache_teacher: true, hidden_weight: 1}", "logits only"),
+        ("- {kind: export, sparsity: 0.5}", "does not use sparsity"),
     ],
 )
 def test_bad_recipes_fail_with_one_line(tmp_path, stages, message):

@@ -58,14 +58,49 @@ def soft_target_kl_sum(
     return jnp.sum(kl * weights.astype(jnp.float32)) * temperature**2
 
 
+def topk_kl_sum(
+    student_logits: jax.Array,
+    topk_values: jax.Array,
+    topk_indices: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """``T^2 * sum(weights * KL(p_t || p_s))`` with the teacher known by its top-k only.
+
+    The teacher's distribution is its tempered softmax renormalised over its k largest
+    logits (the rest of its mass dropped, as in sparse/cached distillation); the student
+    keeps its full tempered softmax, read at the teacher's k indices. With k = V this is
+    exactly :func:`soft_target_kl_sum`.
+
+    Args:
+      student_logits: [..., V] logits.
+      topk_values: [..., k] the teacher's largest logits (no gradient flows into them).
+      topk_indices: [..., k] their vocabulary (or class) indices.
+      weights: the leading dims' weights ([B, T] or [B]).
+      temperature: softmax temperature T > 0.
+
+    Returns:
+      A float32 scalar.
+    """
+    _check_temperature(temperature)
+    t = jax.lax.stop_gradient(topk_values).astype(jnp.float32) / temperature
+    log_p_t = jax.nn.log_softmax(t, axis=-1)
+    log_p_s_all = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_p_s = jnp.take_along_axis(log_p_s_all, topk_indices.astype(jnp.int32), axis=-1)
+    p_t = jnp.exp(log_p_t)
+    kl = jnp.sum(jnp.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0), axis=-1)
+    return jnp.sum(kl * weights.astype(jnp.float32)) * temperature**2
+
+
 def kd_loss_sums(
     student_logits: jax.Array,
-    teacher_logits: jax.Array,
+    teacher_logits: jax.Array | None,
     hard_sums: Mapping[str, jax.Array],
     weights: jax.Array,
     *,
     temperature: float,
     alpha: float,
+    teacher_topk: tuple[jax.Array, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """The task's loss sums with ``loss_sum`` mixed from soft targets and hard labels.
 
@@ -76,12 +111,14 @@ def kd_loss_sums(
 
     Args:
       student_logits: [B, T, V] or [B, C] student logits.
-      teacher_logits: same shape (no gradient).
+      teacher_logits: same shape (no gradient); None when `teacher_topk` is given.
       hard_sums: the task's sums (`jaxllm.tasks.loss_sums`); not modified.
       weights: [B, T] or [B] weights of the soft-target term; pass the task's weights
         (the same normaliser as ``weight_sum``) so both terms are on one scale.
       temperature: softmax temperature T > 0.
       alpha: weight of the soft-target term, in [0, 1].
+      teacher_topk: ``(values, indices)`` of the teacher's k largest logits: the soft
+        target is then :func:`topk_kl_sum` (a cached or sparse teacher).
 
     Returns:
       A new dict: `hard_sums` with the mixed ``loss_sum`` and ``kd_sum`` (the KL sum).
@@ -93,7 +130,10 @@ def kd_loss_sums(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    kd = soft_target_kl_sum(student_logits, teacher_logits, weights, temperature)
+    if teacher_topk is not None:
+        kd = topk_kl_sum(student_logits, *teacher_topk, weights, temperature)
+    else:
+        kd = soft_target_kl_sum(student_logits, teacher_logits, weights, temperature)
     out = dict(hard_sums)
     out["kd_sum"] = kd
     out["loss_sum"] = alpha * kd + (1.0 - alpha) * hard_sums["loss_sum"]

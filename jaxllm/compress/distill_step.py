@@ -10,6 +10,10 @@ teacher runs in the same jitted, sharded step as the student, its outputs under
   when the widths differ), weight ``hidden_weight``;
 * attention-map transfer between mapped layers, weight ``attention_weight``.
 
+With ``topk`` the soft target is the teacher's top-k logits only; with ``cached`` those
+come precomputed in the batch (`jaxllm.compress.teacher_cache`) and the teacher does
+not run in the step at all.
+
 All terms are sums over the task's weights, divided by the global token count like the
 task loss, so micro-batches and shards add up exactly.
 """
@@ -28,6 +32,8 @@ from jaxllm.attention import partitioned
 from jaxllm.compress import distill
 
 PROJ = "distill_proj"  # the projection's top-level name (step.EXTRA_PARAM_PREFIX)
+# Batch keys of a cached teacher's top-k logits (teacher_cache.TopKCache adds them).
+TOPK_VALUES, TOPK_INDICES = "teacher_topk_values", "teacher_topk_indices"
 
 
 @dataclasses.dataclass
@@ -43,6 +49,9 @@ class Teacher:
       hidden_weight: weight of the hidden-state MSE (0: off).
       attention_weight: weight of the attention-map transfer (0: off).
       layer_map: teacher layer matched to each student layer (attention transfer).
+      topk: > 0: the soft target keeps only the teacher's k largest logits.
+      cached: the top-k come in the batch (TOPK_VALUES, TOPK_INDICES), precomputed once;
+        the teacher's forward is not part of the step (`params` may be None).
     """
 
     model: nn.Module
@@ -53,6 +62,8 @@ class Teacher:
     hidden_weight: float = 0.0
     attention_weight: float = 0.0
     layer_map: list[int] = dataclasses.field(default_factory=list)
+    topk: int = 0
+    cached: bool = False
 
 
 def projection_params(student_d: int, teacher: Teacher):
@@ -104,6 +115,8 @@ def make_distill_loss_fn(model: nn.Module, cfg: Any, teacher: Teacher, class_wei
     The sums are the task's (hard-label ``ce_sum`` etc., so logged loss and accuracy
     stay comparable with plain training) plus ``kd_sum``, ``hidden_sum``, ``attn_sum``.
     """
+    if teacher.cached and (teacher.hidden_weight or teacher.attention_weight or not teacher.topk):
+        raise ValueError("a cached teacher gives top-k logits only: no hidden or attention terms")
     deterministic = cfg.model.dropout == 0.0
     want_maps = teacher.attention_weight > 0
     mutable = ["intermediates"] if want_maps else False
@@ -127,9 +140,17 @@ def make_distill_loss_fn(model: nn.Module, cfg: Any, teacher: Teacher, class_wei
         s_logits, s_hidden, s_maps = run(
             model, own, batch, deterministic=deterministic, rngs={"dropout": rng}
         )
-        t_logits, t_hidden, t_maps = jax.lax.stop_gradient(
-            run(teacher.model, teacher_params, batch)
-        )
+        topk = None
+        if teacher.cached:
+            # The teacher ran once, before training: only its top-k travel with the batch.
+            t_logits, t_hidden, t_maps = None, None, []
+            topk = (batch[TOPK_VALUES], batch[TOPK_INDICES])
+        else:
+            t_logits, t_hidden, t_maps = jax.lax.stop_gradient(
+                run(teacher.model, teacher_params, batch)
+            )
+            if teacher.topk:
+                topk = jax.lax.top_k(t_logits.astype(jnp.float32), teacher.topk)
         hard = tasks.loss_sums(cfg.task, s_logits, batch, cfg.train, class_weights)
         weights = _weights(cfg, batch, class_weights)
         sums = distill.kd_loss_sums(
@@ -139,6 +160,7 @@ def make_distill_loss_fn(model: nn.Module, cfg: Any, teacher: Teacher, class_wei
             weights,
             temperature=teacher.temperature,
             alpha=teacher.alpha,
+            teacher_topk=topk,
         )
         zero = jnp.zeros((), jnp.float32)
         sums["hidden_sum"], sums["attn_sum"] = zero, zero

@@ -7,12 +7,17 @@ starting from the previous stage's model (or the one named by ``source``):
   the layers) trained on the teacher's soft targets inside the same jitted step;
   initialised from every k-th teacher layer. ``hard_label_baseline: true`` also trains
   the same student, from the same init and for the same steps, on hard labels only.
+  ``topk: K`` keeps only the teacher's K largest logits as the soft target;
+  ``cache_teacher: true`` computes them once before training (the teacher does not run
+  in the step; `jaxllm.compress.teacher_cache`).
 * ``prune``: magnitude pruning with fine-tuning, gradual (cubic schedule between
   ``start`` and ``end``, fractions of the steps) or one-shot, unstructured or N:M.
 * ``qat``: fine-tuning with fake-quantised projections, then conversion to integers.
 * ``ptq``: integer weights (and calibrated activations) with no training.
 * ``finetune``: the same training with no compression: the control that separates what
   a stage's extra steps gave from what its compression cost.
+* ``export``: the deliverable: the source stage's model copied to ``path`` (default
+  ``OUT/export``) with a ``manifest.json``, re-measured from that copy.
 
 Sparsity survives later stages: a training stage that starts from a pruned model keeps
 its zeros (``keep_masked``), and rounding keeps a zero a zero. Every stage writes a
@@ -46,17 +51,18 @@ from jaxllm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("distill", "prune", "qat", "ptq", "finetune")
+KINDS = ("distill", "prune", "qat", "ptq", "finetune", "export")
 _COMMON = {"name", "kind", "source", "train"}
 # The keys each kind reads: a key from another kind is a mistake worth reporting.
 KIND_KEYS = {
     "distill": _COMMON | {"student", "init", "temperature", "alpha", "hidden_weight",
-                          "attention_weight", "hard_label_baseline"},
+                          "attention_weight", "hard_label_baseline", "topk", "cache_teacher"},
     "prune": _COMMON | {"sparsity", "pattern", "schedule", "start", "end", "every", "scope"},
     "qat": _COMMON | {"weight_bits", "act"},
     "finetune": _COMMON,
     "ptq": {"name", "kind", "source", "weight_bits", "act", "group_size", "calibration",
             "calibration_batches", "percentile"},
+    "export": {"name", "kind", "source", "path"},
 }  # fmt: skip
 
 
@@ -75,6 +81,9 @@ class Stage:
     hidden_weight: float = 0.0
     attention_weight: float = 0.0
     hard_label_baseline: bool = False
+    topk: int = 0  # distill on the teacher's top-k logits only (0: all of them)
+    cache_teacher: bool = False  # compute those top-k once, before training
+    path: str = ""  # export: where the deliverable goes (default OUT/export)
     sparsity: float = 0.0
     pattern: str = ""  # "2:4": N:M instead of unstructured
     schedule: str = field(default="gradual", metadata={"choices": ("gradual", "oneshot")})
@@ -159,6 +168,17 @@ def _check_stage(s: Stage, i: int) -> None:
             raise UserError(f"stages[{i}]: need 0 <= start <= end <= 1 (fractions of the steps)")
     if s.kind == "distill" and not (s.temperature > 0 and 0.0 <= s.alpha <= 1.0):
         raise UserError(f"stages[{i}]: temperature must be > 0 and alpha in [0, 1]")
+    if s.kind == "distill" and s.topk < 0:
+        raise UserError(f"stages[{i}].topk must be >= 0 (0: the whole distribution)")
+    if s.cache_teacher and not s.topk:
+        raise UserError(
+            f"stages[{i}]: cache_teacher stores the teacher's top-k logits; set topk (e.g. 16)"
+        )
+    if s.cache_teacher and (s.hidden_weight or s.attention_weight):
+        raise UserError(
+            f"stages[{i}]: a cached teacher gives logits only; set hidden_weight and "
+            "attention_weight to 0 or cache_teacher to false"
+        )
     if s.kind in ("qat", "ptq") and not 2 <= s.weight_bits <= 8:
         raise UserError(f"stages[{i}].weight_bits must be in 2..8, got {s.weight_bits}")
 
@@ -269,20 +289,31 @@ def run_distill(st: Stage, src: Model, teacher: Model, out: str, devices: Any) -
         def init(params):
             return distill.student_from_teacher(t_host, params, t_layers, s_layers)[0]
 
+    n_out = cfg.model.num_classes if cfg.task == "classify" else cfg.model.vocab_size
+    if st.topk > n_out:
+        raise UserError(f"stage '{st.name}': topk={st.topk} exceeds the {n_out} outputs")
+    extras = None
+    if st.cache_teacher:
+        from jaxllm.compress.teacher_cache import topk_cache_hook
+
+        cache_dir = os.path.join(out, st.name, "teacher_topk")
+        extras = topk_cache_hook(teacher.session.model, teacher.params, st.topk, cache_dir)
     tch = Teacher(
         model=teacher.session.model,
-        params=teacher.params,
+        params=None if st.cache_teacher else teacher.params,
         d_model=teacher.cfg.model.d_model,
         temperature=st.temperature,
         alpha=st.alpha,
         hidden_weight=st.hidden_weight,
         attention_weight=st.attention_weight,
         layer_map=layer_map,
+        topk=st.topk,
+        cached=st.cache_teacher,
     )
     keep = _keep_zeros(src)
     hooks = StepHooks(
         wrap_tx=keep, teacher=tch, extra_params=projection_params(cfg.model.d_model, tch),
-        init_params=init,
+        init_params=init, batch_extras=extras,
     )  # fmt: skip
     models = [_train(st.name, cfg, out, hooks, devices)]
     if st.hard_label_baseline:
@@ -382,12 +413,44 @@ def run_ptq(st: Stage, src: Model, teacher: Model, out: str, devices: Any) -> li
     return [_to_int(st.name, cfg, src, out, devices, scales)]
 
 
+def run_export(st: Stage, src: Model, teacher: Model, out: str, devices: Any) -> list[Model]:
+    """Copies the source stage's servable model to the deliverable folder.
+
+    The copy is what a user ships: ``config.yaml``, ``tokenizer.model`` and the
+    parameters-only checkpoint in its compressed form (int8 + scales; pruned zeros),
+    plus ``manifest.json`` naming where it came from. It is loaded back and measured
+    like every stage, so the report shows that the shipped files give the numbers.
+    """
+    import json
+
+    dest = st.path or os.path.join(out, "export")
+    if os.path.abspath(dest) == os.path.abspath(src.dir):
+        raise UserError(f"stage '{st.name}': path is the source model itself; choose another")
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(src.dir, dest)
+    total, nonzero = count_params(src.params)
+    manifest = {
+        "source_stage": src.name,
+        "quant": src.cfg.model.quant,
+        "quant_weight_bits": src.cfg.model.quant_weight_bits,
+        "quant_act": src.cfg.model.quant_act,
+        "params": total,
+        "nonzero": nonzero,
+        "bytes_on_disk": dir_bytes(os.path.join(dest, "checkpoints")),
+    }
+    with open(os.path.join(dest, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return [_load(st.name, dest, devices)]
+
+
 RUNNERS = {
     "distill": run_distill,
     "prune": run_prune,
     "qat": run_qat,
     "ptq": run_ptq,
     "finetune": run_finetune,
+    "export": run_export,
 }
 
 

@@ -1,0 +1,114 @@
+"""Top-k distillation and the teacher cache: numbers against references and in-step runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.compress import distill
+from jaxllm.compress.distill_step import Teacher
+from jaxllm.compress.teacher_cache import TopKCache, topk_cache_hook
+from jaxllm.config import load_config
+from jaxllm.errors import UserError
+from jaxllm.step import StepHooks
+from jaxllm.train import build_session, train
+
+RNG = np.random.default_rng(3)
+QUIET = ["train.progress_bar=false", "train.tensorboard=false", "train.checkpoint_every=0",
+         "train.eval_every=0", "train.log_every=1", "train.eval_batches=1"]  # fmt: skip
+TINY = ["model.d_model=32", "model.n_heads=2", "data.seq_len=16", "train.batch_size=8",
+        "train.steps=3", "optim.warmup_steps=0"]  # fmt: skip
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+def test_topk_kl_equals_full_kl_at_k_equal_v_and_numpy_below(temp):
+    s, t = RNG.normal(size=(3, 5, 11)) * 2, RNG.normal(size=(3, 5, 11)) * 2
+    w = (RNG.random((3, 5)) > 0.3).astype(np.float32)
+    vals, idx = jax.lax.top_k(jnp.asarray(t, jnp.float32), 11)
+    full = distill.soft_target_kl_sum(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temp)
+    every = distill.topk_kl_sum(jnp.asarray(s), vals, idx, jnp.asarray(w), temp)
+    assert float(every) == pytest.approx(float(full), rel=1e-5)
+    # k = 4: the teacher renormalised over its 4 largest, the student's full softmax.
+    vals, idx = jax.lax.top_k(jnp.asarray(t, jnp.float32), 4)
+    got = distill.topk_kl_sum(jnp.asarray(s), vals, idx, jnp.asarray(w), temp)
+    log_pt = _np_log_softmax(np.asarray(vals, np.float64) / temp)
+    log_ps = np.take_along_axis(_np_log_softmax(s / temp), np.asarray(idx), -1)
+    want = temp**2 * np.sum(np.sum(np.exp(log_pt) * (log_pt - log_ps), -1) * w)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # No gradient reaches the cached values.
+    g = jax.grad(lambda v: distill.topk_kl_sum(jnp.asarray(s), v, idx, jnp.asarray(w), temp))(vals)
+    assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def _teacher(cfg):
+    """A randomly initialised 4-layer teacher on the same devices as the student."""
+    session = build_session(cfg, None)
+    return session.model, session.steps.init().params
+
+
+def _student_run(tmp_path, name, cfg, teacher, extras=None):
+    hooks = StepHooks(teacher=teacher, batch_extras=extras)
+    summary = train(cfg, str(tmp_path / name), None, hooks)
+    return jax.device_get(summary["state"].params), summary
+
+
+def test_cached_teacher_trains_exactly_like_the_in_step_teacher(tmp_path):
+    t_cfg = load_config("configs/lm_tiny.yaml", QUIET + TINY + ["model.n_layers=4"])
+    s_cfg = load_config("configs/lm_tiny.yaml", QUIET + TINY + ["model.n_layers=2"])
+    t_model, t_params = _teacher(t_cfg)
+    k = 16
+
+    def teacher(cached):
+        return Teacher(t_model, None if cached else t_params, 32, temperature=2.0, alpha=0.6,
+                       topk=k, cached=cached)  # fmt: skip
+
+    in_step, s1 = _student_run(tmp_path, "in_step", s_cfg, teacher(False))
+    cache_dir = str(tmp_path / "cache")
+    hook = topk_cache_hook(t_model, t_params, k, cache_dir)
+    cached, s2 = _student_run(tmp_path, "cached", s_cfg, teacher(True), hook)
+    # Same batches, same teacher top-k: the same parameters after 3 steps.
+    for a, b in zip(jax.tree.leaves(in_step), jax.tree.leaves(cached), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-5)
+    # The cache: one process folder, complete, the shapes of 3 steps of [8, 16, k].
+    cache = TopKCache(os.path.join(cache_dir, "process_000"))
+    assert cache.values.shape == (3, 8, 16, k) and cache.indices.dtype == np.int32
+    with open(os.path.join(cache.path, "meta.json")) as f:
+        assert json.load(f)["k"] == k
+    # The values are the teacher's largest logits, in order, for the cached inputs.
+    logits = t_model.apply({"params": t_params}, jnp.asarray(cache.inputs[0]))
+    want = jax.lax.top_k(logits, k)[0]
+    np.testing.assert_allclose(cache.values[0], np.asarray(want), rtol=1e-5, atol=1e-5)
+    # A batch the cache was not built from, or a step past it, is a clear error.
+    bad = {"inputs": np.asarray(cache.inputs[1])}
+    with pytest.raises(UserError, match="not the one the teacher cache"):
+        cache.batch_extras(0, bad)
+    with pytest.raises(UserError, match="holds 3 steps"):
+        cache.batch_extras(3, bad)
+    # A second run with the same settings reuses the files (no teacher forward).
+    stamp = os.path.getmtime(os.path.join(cache.path, "values.npy"))
+    again, _ = _student_run(tmp_path, "again", s_cfg, teacher(True), hook)
+    assert os.path.getmtime(os.path.join(cache.path, "values.npy")) == stamp
+    for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_topk_at_full_vocabulary_equals_full_distillation(tmp_path):
+    common = QUIET + TINY + ["model.vocab_size=512", "train.steps=2"]
+    t_cfg = load_config("configs/lm_tiny.yaml", common + ["model.n_layers=2"])
+    s_cfg = load_config("configs/lm_tiny.yaml", common + ["model.n_layers=1"])
+    t_model, t_params = _teacher(t_cfg)
+    full, _ = _student_run(tmp_path, "full", s_cfg, Teacher(t_model, t_params, 32))
+    every, _ = _student_run(tmp_path, "topk", s_cfg, Teacher(t_model, t_params, 32, topk=512))
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(every), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
