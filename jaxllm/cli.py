@@ -93,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add(
         "compress",
-        "Run a compression recipe (distill -> prune -> QAT/PTQ) from a trained teacher; "
-        "writes each stage's model and WORKDIR/report.{json,md} plus a quality-vs-size plot.",
+        "Run a compression recipe (distill -> prune -> QAT/PTQ -> export) from a trained "
+        "teacher; writes each stage's model and WORKDIR/report.{json,md} plus a "
+        "quality-vs-size plot.",
     )
     p.add_argument("recipe", help="recipe YAML, e.g. configs/compress/lm_tiny_full.yaml")
     p.add_argument("--teacher", required=True, help="a trained workdir (jaxllm train ...)")

@@ -149,3 +149,36 @@ def test_shipped_recipes_load():
     for name in sorted(os.listdir("configs/compress")):
         _, stages = load_recipe(os.path.join("configs/compress", name))
         assert stages, name
+
+
+def test_a_workdir_is_resumed_only_by_the_same_run(tmp_path):
+    from jaxllm.compress.recipe import claim_workdir
+
+    recipe = _write(tmp_path / "r.yaml", "stages:\n  - {kind: ptq}\n")
+    out = str(tmp_path / "out")
+    claim_workdir(out, recipe, "runs/a", ["x=1"])
+    claim_workdir(out, recipe, "runs/a", ["x=1"])  # the same command again: resume
+    for teacher, extra in (("runs/b", ["x=1"]), ("runs/a", ["x=2"])):
+        with pytest.raises(UserError, match="another recipe, teacher or overrides"):
+            claim_workdir(out, recipe, teacher, extra)
+    _write(recipe, "stages:\n  - {kind: ptq, act: none}\n")
+    with pytest.raises(UserError, match="another recipe"):
+        claim_workdir(out, recipe, "runs/a", ["x=1"])
+    other = tmp_path / "mine"
+    other.mkdir()
+    _write(other / "notes.txt", "keep me")
+    with pytest.raises(UserError, match="not empty and holds no jaxllm compress run"):
+        claim_workdir(str(other), recipe, "runs/a", [])
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_export_never_replaces_a_folder_of_the_users(tmp_path):
+    from jaxllm.compress.recipe import Model, Stage, run_export
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _write(mine / "notes.txt", "keep me")
+    src = Model("ptq", load_config("configs/lm_tiny.yaml"), str(tmp_path / "src"))
+    with pytest.raises(UserError, match="exists and is not a jaxllm export"):
+        run_export(Stage(name="e", kind="export", path=str(mine)), src, None, "", None)
+    assert (mine / "notes.txt").read_text() == "keep me"

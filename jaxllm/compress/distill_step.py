@@ -34,6 +34,7 @@ from jaxllm.compress import distill
 PROJ = "distill_proj"  # the projection's top-level name (step.EXTRA_PARAM_PREFIX)
 # Batch keys of a cached teacher's top-k logits (teacher_cache.TopKCache adds them).
 TOPK_VALUES, TOPK_INDICES = "teacher_topk_values", "teacher_topk_indices"
+TOPK_LSE = "teacher_lse"  # logsumexp(teacher logits / T): the top-k's share of the mass
 
 
 @dataclasses.dataclass
@@ -50,8 +51,9 @@ class Teacher:
       attention_weight: weight of the attention-map transfer (0: off).
       layer_map: teacher layer matched to each student layer (attention transfer).
       topk: > 0: the soft target keeps only the teacher's k largest logits.
-      cached: the top-k come in the batch (TOPK_VALUES, TOPK_INDICES), precomputed once;
-        the teacher's forward is not part of the step (`params` may be None).
+      cached: the top-k come in the batch (TOPK_VALUES, TOPK_INDICES, TOPK_LSE),
+        precomputed once; the teacher's forward is not part of the step (`params` may
+        be None).
     """
 
     model: nn.Module
@@ -144,13 +146,13 @@ def make_distill_loss_fn(model: nn.Module, cfg: Any, teacher: Teacher, class_wei
         if teacher.cached:
             # The teacher ran once, before training: only its top-k travel with the batch.
             t_logits, t_hidden, t_maps = None, None, []
-            topk = (batch[TOPK_VALUES], batch[TOPK_INDICES])
+            topk = (batch[TOPK_VALUES], batch[TOPK_INDICES], batch[TOPK_LSE])
         else:
             t_logits, t_hidden, t_maps = jax.lax.stop_gradient(
                 run(teacher.model, teacher_params, batch)
             )
             if teacher.topk:
-                topk = jax.lax.top_k(t_logits.astype(jnp.float32), teacher.topk)
+                topk = distill.teacher_topk(t_logits, teacher.topk, teacher.temperature)
         hard = tasks.loss_sums(cfg.task, s_logits, batch, cfg.train, class_weights)
         weights = _weights(cfg, batch, class_weights)
         sums = distill.kd_loss_sums(

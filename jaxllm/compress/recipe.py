@@ -207,12 +207,60 @@ def _reconfigure(cfg: Any, overrides: list[str]) -> Any:
     return from_dict(to_dict(cfg), overrides)
 
 
+RUN_FILE = "compress_run.json"
+
+
+def claim_workdir(out: str, recipe_path: str, teacher_dir: str, overrides: list[str]) -> None:
+    """Makes `out` this run's: new, or holding an earlier run of the same recipe.
+
+    Rerunning the same command resumes (finished stages' training is not repeated: each
+    stage's ``train/`` folder resumes like ``jaxllm train``). A folder holding anything
+    else -- another recipe, teacher or overrides -- is refused: resuming from it would
+    silently reuse models trained for something else.
+
+    Raises:
+      UserError: `out` holds other files or another run.
+    """
+    import hashlib
+    import json
+
+    with open(recipe_path, "rb") as f:
+        claim = {"recipe_sha1": hashlib.sha1(f.read()).hexdigest(),
+                 "teacher": os.path.abspath(teacher_dir), "overrides": list(overrides)}  # fmt: skip
+    path = os.path.join(out, RUN_FILE)
+    if os.path.isdir(out) and os.listdir(out):
+        try:
+            with open(path) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            raise UserError(
+                f"--workdir '{out}' is not empty and holds no jaxllm compress run; "
+                "choose a new folder"
+            ) from None
+        if found != claim:
+            raise UserError(
+                f"--workdir '{out}' holds a run of another recipe, teacher or overrides; "
+                "choose a new folder (or delete it) to start this one"
+            )
+        log.info("resuming the compress run in %s", out)
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(claim, f, indent=2)
+
+
 def export_model(out_dir: str, cfg: Any, params: Any, tokenizer_path: str) -> str:
-    """Writes a servable workdir holding only the parameters (int8 stays int8 on disk)."""
+    """Writes a servable workdir holding only the parameters (int8 stays int8 on disk).
+
+    `out_dir` is always rewritten: it is derived from `params` (a resumed run
+    regenerates it from its stage's training checkpoint).
+    """
     from jaxllm.checkpoint import Checkpointer
     from jaxllm.step import model_params
 
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
     cfg = _reconfigure(cfg, [])
     cfg.init_from = ""
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
@@ -297,7 +345,9 @@ def run_distill(st: Stage, src: Model, teacher: Model, out: str, devices: Any) -
         from jaxllm.compress.teacher_cache import topk_cache_hook
 
         cache_dir = os.path.join(out, st.name, "teacher_topk")
-        extras = topk_cache_hook(teacher.session.model, teacher.params, st.topk, cache_dir)
+        extras = topk_cache_hook(
+            teacher.session.model, teacher.params, st.topk, st.temperature, cache_dir
+        )
     tch = Teacher(
         model=teacher.session.model,
         params=None if st.cache_teacher else teacher.params,
@@ -424,9 +474,13 @@ def run_export(st: Stage, src: Model, teacher: Model, out: str, devices: Any) ->
     import json
 
     dest = st.path or os.path.join(out, "export")
-    if os.path.abspath(dest) == os.path.abspath(src.dir):
-        raise UserError(f"stage '{st.name}': path is the source model itself; choose another")
     if os.path.exists(dest):
+        # Only an earlier export is replaced: never a folder of the user's.
+        if not os.path.exists(os.path.join(dest, "manifest.json")):
+            raise UserError(
+                f"stage '{st.name}': path '{dest}' exists and is not a jaxllm export; "
+                "choose a new path"
+            )
         shutil.rmtree(dest)
     shutil.copytree(src.dir, dest)
     total, nonzero = count_params(src.params)
@@ -513,6 +567,7 @@ def run_recipe(
     extra = recipe.overrides + list(overrides or [])
     if not os.path.isdir(teacher_dir):
         raise UserError(f"--teacher '{teacher_dir}' is not a directory; pass a trained workdir")
+    claim_workdir(out, recipe_path, teacher_dir, extra)
     started = time.time()
     t_cfg = workdir_config(teacher_dir, extra)
     src_tok = os.path.join(teacher_dir, "tokenizer.model")

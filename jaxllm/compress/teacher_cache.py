@@ -3,8 +3,9 @@
 Distilling from a large teacher costs a teacher forward per student step. When the
 same student (or several students, or a resumed run) trains on the same batches, the
 teacher's answers can be computed once and read back: only the k largest logits per
-position are kept (values and indices), which is what sparse/cached distillation uses
-(the soft target is renormalised over them, `distill.topk_kl_sum`).
+position are kept (values and indices) with the log-normaliser of the tempered
+logits, which is what sparse/cached distillation needs (`distill.topk_kl_sum`: the
+top-k plus the rest of the teacher's mass as one bucket).
 
 The training data pipeline is deterministic (seeded grain/LM iterators), so training
 step ``i`` sees the ``i``-th batch of a fresh iterator: the cache is indexed by step.
@@ -14,8 +15,8 @@ tokens, so a batch that does not match what the cache was built from (the data o
 batch settings changed) is a clear error instead of silently wrong targets.
 ``meta.json`` is written last: a build that was interrupted is rebuilt, not trusted.
 
-Size: ``steps * local_batch * seq_len * k * 8`` bytes (float32 values, int32 indices);
-lm_tiny's 300 steps with k = 16 hold 79 MB.
+Size: ``steps * local_batch * seq_len * (k * 8 + 4)`` bytes (float32 values and
+log-normaliser, int32 indices); lm_tiny's 300 steps with k = 16 hold 81 MB.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxllm import sharding, tasks
-from jaxllm.compress.distill_step import TOPK_INDICES, TOPK_VALUES
+from jaxllm.compress.distill import teacher_topk
+from jaxllm.compress.distill_step import TOPK_INDICES, TOPK_LSE, TOPK_VALUES
 from jaxllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TopKCache:
     Attributes:
       values: [steps, local_batch, ..., k] float32 memory map.
       indices: [steps, local_batch, ..., k] int32 memory map.
+      lse: [steps, local_batch, ...] float32 ``logsumexp(teacher logits / T)``.
       inputs: [steps, local_batch, seq_len] the input tokens each row was computed on.
     """
 
@@ -58,6 +60,7 @@ class TopKCache:
         self.path = path
         self.values = np.load(os.path.join(path, "values.npy"), mmap_mode="r")
         self.indices = np.load(os.path.join(path, "indices.npy"), mmap_mode="r")
+        self.lse = np.load(os.path.join(path, "lse.npy"), mmap_mode="r")
         self.inputs = np.load(os.path.join(path, "inputs.npy"), mmap_mode="r")
 
     @property
@@ -81,7 +84,8 @@ class TopKCache:
                 "built from (data or batch settings changed); delete the cache to rebuild it"
             )
         return {TOPK_VALUES: np.asarray(self.values[step]),
-                TOPK_INDICES: np.asarray(self.indices[step])}  # fmt: skip
+                TOPK_INDICES: np.asarray(self.indices[step]),
+                TOPK_LSE: np.asarray(self.lse[step])}  # fmt: skip
 
 
 def _read_meta(path: str) -> dict | None:
@@ -92,13 +96,15 @@ def _read_meta(path: str) -> dict | None:
         return None
 
 
-def _teacher_topk_fn(model: nn.Module, params: Any, k: int, mesh: Any, rules: Any) -> Callable:
-    """jit(batch -> (values, indices)) of the teacher, batch-sharded like training."""
+def _teacher_topk_fn(
+    model: nn.Module, params: Any, k: int, temperature: float, mesh: Any, rules: Any
+) -> Callable:
+    """jit(batch -> (values, indices, lse)) of the teacher, batch-sharded like training."""
     batch_sh = sharding.batch_sharding(mesh, rules, ndim=1)
 
     def forward(p, batch):
         logits = model.apply({"params": p}, batch["inputs"], **tasks.model_kwargs(batch))
-        return jax.lax.top_k(logits.astype(jnp.float32), k)
+        return teacher_topk(logits, k, temperature)
 
     fn = jax.jit(
         forward,
@@ -114,7 +120,13 @@ def _teacher_topk_fn(model: nn.Module, params: Any, k: int, mesh: Any, rules: An
 
 
 def build_topk_cache(
-    session: Any, model: nn.Module, params: Any, k: int, steps: int, cache_dir: str
+    session: Any,
+    model: nn.Module,
+    params: Any,
+    k: int,
+    temperature: float,
+    steps: int,
+    cache_dir: str,
 ) -> TopKCache:
     """Runs the teacher over the first `steps` training batches; stores its top-k.
 
@@ -126,6 +138,7 @@ def build_topk_cache(
       model: the teacher's Flax module.
       params: the teacher's parameters, placed on the session's devices.
       k: how many of the largest logits to keep per position (<= the output size).
+      temperature: the distillation temperature (the stored log-normaliser uses it).
       steps: training steps to cover.
       cache_dir: where to store it (each process in its own subfolder).
 
@@ -136,7 +149,7 @@ def build_topk_cache(
 
     cfg, cs = session.cfg, session.steps
     path = _process_dir(cache_dir)
-    want = {"k": k, "steps": steps, "batch_size": cfg.train.batch_size,
+    want = {"k": k, "temperature": temperature, "steps": steps, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.data.seq_len, "source": cfg.data.source, "seed": cfg.train.seed,
             "process_count": jax.process_count()}  # fmt: skip
     if _read_meta(path) == want:
@@ -145,18 +158,17 @@ def build_topk_cache(
     os.makedirs(path, exist_ok=True)
     if os.path.exists(os.path.join(path, META)):
         os.remove(os.path.join(path, META))  # stale settings: the files below are rewritten
-    run, spec = _teacher_topk_fn(model, params, k, cs.mesh, cs.rules)
+    run, spec = _teacher_topk_fn(model, params, k, temperature, cs.mesh, cs.rules)
     it = batch_iterator(session, cfg.data.train_split, train=True)
     files: dict[str, np.ndarray] = {}
     for step in range(steps):
         local = next(it)
-        values, indices = run(sharding.make_global_batch(local, cs.mesh, cs.rules))
+        out = run(sharding.make_global_batch(local, cs.mesh, cs.rules))
         # Each process keeps the rows it will feed: its slice of the global batch.
-        values, indices = multihost_utils.global_array_to_host_local_array(
-            (values, indices), cs.mesh, spec
-        )
+        values, indices, lse = multihost_utils.global_array_to_host_local_array(out, cs.mesh, spec)
         arrays = {"values": np.asarray(values, np.float32),
                   "indices": np.asarray(indices, np.int32),
+                  "lse": np.asarray(lse, np.float32),
                   "inputs": np.asarray(local["inputs"])}  # fmt: skip
         if not files:
             files = {
@@ -177,14 +189,18 @@ def build_topk_cache(
     return TopKCache(path)
 
 
-def topk_cache_hook(model: nn.Module, params: Any, k: int, cache_dir: str) -> Callable:
+def topk_cache_hook(
+    model: nn.Module, params: Any, k: int, temperature: float, cache_dir: str
+) -> Callable:
     """`StepHooks.batch_extras`: session -> (step, batch -> the cached top-k arrays).
 
     The cache is built (or reused) when training starts, for the run's ``train.steps``.
     """
 
     def prepare(session: Any) -> Callable[[int, dict], dict]:
-        cache = build_topk_cache(session, model, params, k, session.cfg.train.steps, cache_dir)
+        cache = build_topk_cache(
+            session, model, params, k, temperature, session.cfg.train.steps, cache_dir
+        )
         return cache.batch_extras
 
     return prepare
