@@ -123,7 +123,7 @@ def kd_loss_sums(
     *,
     temperature: float,
     alpha: float,
-    teacher_topk: tuple[jax.Array, jax.Array] | None = None,
+    teacher_topk: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """The task's loss sums with ``loss_sum`` mixed from soft targets and hard labels.
 
