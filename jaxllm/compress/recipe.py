@@ -28,6 +28,8 @@ servable workdir ``OUT/<stage>/model`` (config, tokenizer, parameters-only check
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -221,9 +223,6 @@ def claim_workdir(out: str, recipe_path: str, teacher_dir: str, overrides: list[
     Raises:
       UserError: `out` holds other files or another run.
     """
-    import hashlib
-    import json
-
     with open(recipe_path, "rb") as f:
         claim = {"recipe_sha1": hashlib.sha1(f.read()).hexdigest(),
                  "teacher": os.path.abspath(teacher_dir), "overrides": list(overrides)}  # fmt: skip
@@ -471,8 +470,6 @@ def run_export(st: Stage, src: Model, teacher: Model, out: str, devices: Any) ->
     plus ``manifest.json`` naming where it came from. It is loaded back and measured
     like every stage, so the report shows that the shipped files give the numbers.
     """
-    import json
-
     dest = st.path or os.path.join(out, "export")
     if os.path.exists(dest):
         # Only an earlier export is replaced: never a folder of the user's.
