@@ -45,7 +45,7 @@ format: $(DEV_STAMP)
 
 # Two xdist workers: much of the suite is single-threaded (XLA compiles, subprocess
 # runs, data preparation), so two processes keep both cores busy.
-test: $(DEV_STAMP) lint
+test: $(DEV_STAMP) $(HF_STAMP) lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: $(HF_STAMP)

@@ -61,9 +61,38 @@ def attention_mask(
     return allowed[:, None, :, :]
 
 
-def rope_frequencies(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies [dim/2], with `cfg.rope_scaling` applied.
+
+    The scaling rules are those of Hugging Face `modeling_rope_utils` ("linear": every
+    frequency divided by the factor; "llama3": wavelengths above the original context
+    divided by the factor, those below ``original / high_freq_factor`` kept, a smooth
+    blend between), so converted checkpoints give the same angles.
+    """
+    dim = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        old = cfg.rope_original_max_len
+        low, high = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * jnp.pi / inv_freq
+        scaled = jnp.where(wavelen > low, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high) & (wavelen <= low)
+        return jnp.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_frequencies(
+    positions: jax.Array, dim: int, theta: float, inv_freq: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [B, T, dim] in the Hugging Face `rotate_half` layout (for conversion)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -173,12 +202,12 @@ class Attention(nn.Module):
     decode: bool = False
     dot_general_cls: Any = None
 
-    def _dense(self, features, in_axes, out_axes, name):
+    def _dense(self, features, in_axes, out_axes, name, bias):
         return Projection(
             features=features,
             in_axes=in_axes,
             out_axes=out_axes,
-            use_bias=self.cfg.bias,
+            use_bias=bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             dot_general_cls=self.dot_general_cls,
@@ -196,11 +225,12 @@ class Attention(nn.Module):
     ) -> jax.Array:
         cfg = self.cfg
         h, kvh, d = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-        q = self._dense((h, d), ("embed",), ("heads", "kv"), "query")(x)
-        k = self._dense((kvh, d), ("embed",), ("heads", "kv"), "key")(x)
-        v = self._dense((kvh, d), ("embed",), ("heads", "kv"), "value")(x)
+        qkv_bias = cfg.qkv_biased
+        q = self._dense((h, d), ("embed",), ("heads", "kv"), "query", qkv_bias)(x)
+        k = self._dense((kvh, d), ("embed",), ("heads", "kv"), "key", qkv_bias)(x)
+        v = self._dense((kvh, d), ("embed",), ("heads", "kv"), "value", qkv_bias)(x)
         if cfg.flavour == "llama":
-            cos, sin = rope_frequencies(positions, d, cfg.rope_theta)
+            cos, sin = rope_frequencies(positions, d, cfg.rope_theta, rope_inv_freq(cfg))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
@@ -226,7 +256,7 @@ class Attention(nn.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out")(out)
+        return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out", cfg.out_biased)(out)
 
     def _update_cache(self, k, v, positions, segment_ids, prefix_mask, window):
         """Writes new keys/values at `cache_index`; returns the whole cache and its mask.

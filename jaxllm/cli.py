@@ -22,6 +22,8 @@ EXAMPLES = {
     "jaxllm eval --compare runs/mt_scratch runs/mt_pretrained eval.main_metric=bleu",
     "compress": "jaxllm compress configs/compress/lm_tiny_full.yaml --teacher runs/tiny "
     "--workdir runs/tiny_compressed",
+    "convert": "jaxllm convert hf-to-jaxllm hf_models/gpt2 runs/gpt2\n  "
+    "jaxllm convert jaxllm-to-hf runs/gpt2_finetuned hf_models/gpt2_finetuned",
     "generate": 'jaxllm generate --workdir runs/tiny --prompt "The list type" strategy=sample '
     "temperature=0.8 top_k=40 max_new_tokens=40",
 }
@@ -88,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         "options",
         nargs="*",
         help="strategy=greedy|sample|beam max_new_tokens=N temperature=T top_k=K top_p=P "
-        "seed=S beam_size=B length_penalty=A",
+        "seed=S beam_size=B length_penalty=A; input_filter.KEY=VALUE overrides the "
+        "workdir's input filter (a rejected prompt exits with status 2)",
     )
 
     p = add(
@@ -101,7 +104,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="a trained workdir (jaxllm train ...)")
     p.add_argument("--workdir", required=True, help="output directory for stages and report")
     p.add_argument("overrides", nargs="*", help="config overrides for every model")
+
+    p = add(
+        "convert",
+        "Convert checkpoints: a Hugging Face folder (safetensors; GPT-2, Llama, Mistral, "
+        "Qwen2) into a jaxllm workdir, or a workdir back into a Hugging Face folder.",
+    )
+    p.add_argument("direction", choices=("hf-to-jaxllm", "jaxllm-to-hf"))
+    p.add_argument("src", help="HF folder (hf-to-jaxllm) or jaxllm workdir (jaxllm-to-hf)")
+    p.add_argument("dst", help="new jaxllm workdir or HF folder")
+    p.add_argument(
+        "overrides", nargs="*", help="hf-to-jaxllm: config overrides for the workdir (mesh.fsdp=8)"
+    )
     return parser
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxllm.convert import hf
+
+    if args.direction == "hf-to-jaxllm":
+        hf.hf_to_jaxllm(args.src, args.dst, args.overrides)
+    else:
+        if args.overrides:
+            raise UserError("jaxllm-to-hf takes no overrides; the workdir's config is exported")
+        hf.jaxllm_to_hf(args.src, args.dst)
+    print(args.dst)
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -133,7 +161,8 @@ def _print_table(result: dict[str, Any]) -> None:
     width = max(len(k) for k in flat)
     for k, v in flat.items():
         if isinstance(v, float):
-            v = f"{v:.4f}"
+            # Four decimals, but small values (privacy's delta) keep their digits.
+            v = f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3g}"
         elif isinstance(v, list):
             v = "[" + ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in v) + "]"
         print(f"{k:<{width}}  {v}")
@@ -160,11 +189,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     cfg = workdir_config(args.workdir, args.overrides)
     session, params, step = restore_params(args.workdir, cfg)
+    from jaxllm.privacy import load_plan
+
+    plan = load_plan(args.workdir)  # what training used, whatever the mesh here
     result = {
         "step": step,
         "task": cfg.task,
         "split": cfg.data.eval_split,
         **evaluate(session, params, generate=True),
+        **(plan.report(step) if plan is not None else {}),
     }
     _write_json(os.path.join(args.workdir, "eval.json"), result)
     _print_table(result)
@@ -172,7 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def parse_generate_options(options: list[str]) -> dict[str, Any]:
-    """Parses `key=value` decoding options with their types; unknown keys are errors."""
+    """Parses `key=value` decoding options with their types; unknown keys are errors.
+
+    `input_filter.*` options are config overrides, not decoding options: see
+    :func:`split_filter_options`.
+    """
     from jaxllm.config import parse_override
 
     parsed: dict[str, Any] = {}
@@ -180,7 +217,8 @@ def parse_generate_options(options: list[str]) -> dict[str, Any]:
         key, value = parse_override(text)
         if key not in GENERATE_OPTIONS:
             raise UserError(
-                f"unknown generate option '{key}'; valid: {', '.join(GENERATE_OPTIONS)}"
+                f"unknown generate option '{key}'; valid: {', '.join(GENERATE_OPTIONS)} "
+                "or input_filter.*"
             )
         try:
             parsed[key] = GENERATE_OPTIONS[key](value)
@@ -189,6 +227,21 @@ def parse_generate_options(options: list[str]) -> dict[str, Any]:
                 f"generate option {key}={value!r} must be {GENERATE_OPTIONS[key].__name__}"
             ) from e
     return parsed
+
+
+def split_filter_options(options: list[str]) -> tuple[list[str], list[str]]:
+    """(decoding options, `input_filter.*` config overrides) of `jaxllm generate`."""
+    filters = [o for o in options if o.startswith("input_filter.")]
+    return [o for o in options if o not in filters], filters
+
+
+def _check_prompt(cfg: Any, prompt: str) -> None:
+    """Refuses a prompt the workdir's (or the command line's) input_filter rejects."""
+    from jaxllm import data
+    from jaxllm.input_filter import InputFilter
+
+    tokenizer = data.get_tokenizer(cfg) if cfg.input_filter.max_tokens else None
+    InputFilter(cfg.input_filter, tokenizer).check_prompt(prompt)
 
 
 def _classify_prompt(session: Any, params: Any, text: str) -> str:
@@ -212,8 +265,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxllm.precision import get_policy
     from jaxllm.tasks import SEQ2SEQ_TASKS
 
-    options = parse_generate_options(args.options)
-    cfg = workdir_config(args.workdir, [])
+    decode_options, filter_overrides = split_filter_options(args.options)
+    options = parse_generate_options(decode_options)
+    cfg = workdir_config(args.workdir, filter_overrides)
+    _check_prompt(cfg, args.prompt)
     session, params, _ = restore_params(args.workdir, cfg)
     if cfg.task == "classify":
         print(_classify_prompt(session, params, args.prompt))
@@ -260,6 +315,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "compress": cmd_compress,
+    "convert": cmd_convert,
 }
 
 

@@ -19,6 +19,12 @@ from typing import Any
 
 import yaml
 
+from jaxllm.config_robust import (
+    AdversarialConfig,
+    InputFilterConfig,
+    PrivacyConfig,
+    validate_robustness,
+)
 from jaxllm.errors import UserError
 
 # Closed vocabulary of logical axis names (DESIGN.md). Rules may only name these.
@@ -47,9 +53,20 @@ class ModelConfig:
     attention: str = field(default="global", metadata=_choices("global", "local", "alternating"))
     window: int = 128  # sliding-window size for local layers
     rope_theta: float = 10000.0
+    # RoPE context extension (as Hugging Face `rope_scaling`): "linear" divides the
+    # positions by rope_factor; "llama3" rescales the low frequencies (Llama 3.1).
+    rope_scaling: str = field(default="none", metadata=_choices("none", "linear", "llama3"))
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the pre-extension context
     norm_eps: float = 1e-5
     tie_embeddings: bool | None = None  # None = flavour default (gpt2 tied, llama untied)
     use_bias: bool | None = None  # None = flavour default (gpt2 yes, llama no)
+    # Attention biases apart from the MLP's (None = use_bias): Qwen2 has q/k/v biases
+    # and none on the output projection; Llama's attention_bias sets both.
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
     scan_layers: bool = False
     remat: str = field(default="none", metadata=_choices("none", "full", "save_dots"))
     num_classes: int = 0  # >0 adds a classification head (classify task)
@@ -93,6 +110,14 @@ class ModelConfig:
     @property
     def bias(self) -> bool:
         return self.flavour == "gpt2" if self.use_bias is None else self.use_bias
+
+    @property
+    def qkv_biased(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def out_biased(self) -> bool:
+        return self.bias if self.out_bias is None else self.out_bias
 
 
 @dataclass
@@ -248,6 +273,26 @@ class EvalConfig:
     main_metric: str = ""
     bootstrap_samples: int = 1000
     seed: int = 0
+    # >0: also score the eval split with character noise (delete, insert and swap each
+    # at this rate per character, every example, seeded by eval.seed): noisy_* metrics.
+    char_noise: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    """Which parameters train (`jaxllm.finetune`): all, all but a frozen set, or LoRA.
+
+    Regexes are searched (`re.search`) in "/"-joined parameter paths such as
+    `layer_0/attn/query/kernel`, `layers/mlp/fc_in/kernel` (scanned) or `cls_head/bias`.
+    """
+
+    mode: str = field(default="full", metadata=_choices("full", "frozen", "lora"))
+    freeze: str = ""  # frozen: parameters that get no updates (and no optimizer state)
+    trainable: str = "cls_head"  # lora: base parameters that still train (a new head)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # training only; see jaxllm.lora.merge
+    lora_targets: str = r"attn/(query|key|value|out)/kernel"  # matrices that get adapters
 
 
 @dataclass
@@ -265,6 +310,10 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    input_filter: InputFilterConfig = field(default_factory=InputFilterConfig)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -467,6 +516,34 @@ def _validate_task(cfg: Config) -> None:
             raise UserError(f"config key 'eval.{key}' must be >= 0, got {getattr(e, key)}")
 
 
+def _validate_finetune(f: FinetuneConfig) -> None:
+    # Whether a regex matches any parameter is checked when the model is built
+    # (jaxllm.finetune.param_labels): the paths are not known here.
+    for key in ("freeze", "trainable", "lora_targets"):
+        try:
+            re.compile(getattr(f, key))
+        except re.error as e:
+            raise UserError(
+                f"config key 'finetune.{key}' is not a valid regex ({e}): {getattr(f, key)!r}"
+            ) from e
+    if f.mode == "frozen" and not f.freeze:
+        raise UserError(
+            "finetune.mode=frozen needs finetune.freeze, a regex of parameter paths, "
+            "e.g. finetune.freeze='token_embed|layer_0/'"
+        )
+    if f.lora_rank < 1:
+        raise UserError(f"finetune.lora_rank must be >= 1, got {f.lora_rank}")
+    if f.lora_alpha <= 0:
+        raise UserError(f"finetune.lora_alpha must be > 0, got {f.lora_alpha}")
+    if not 0.0 <= f.lora_dropout < 1.0:
+        raise UserError(f"finetune.lora_dropout must be in [0, 1), got {f.lora_dropout}")
+    if f.mode == "lora" and not f.lora_targets:
+        raise UserError(
+            "finetune.mode=lora needs finetune.lora_targets, a regex of the matrices to "
+            "adapt, e.g. 'attn/(query|value)/kernel'"
+        )
+
+
 def _validate_quant(m: ModelConfig) -> None:
     if not 2 <= m.quant_weight_bits <= 8:
         raise UserError(f"model.quant_weight_bits must be in 2..8, got {m.quant_weight_bits}")
@@ -515,6 +592,7 @@ def validate(cfg: Config) -> Config:
             "raise model.max_len or lower data.seq_len"
         )
     _validate_quant(m)
+    _validate_finetune(cfg.finetune)
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.batch_size % t.grad_accum:
@@ -523,6 +601,7 @@ def validate(cfg: Config) -> Config:
         )
     _validate_data(cfg.data)
     _validate_task(cfg)
+    validate_robustness(cfg)
     if len(cfg.optim.boundaries) != len(cfg.optim.factors):
         raise UserError("optim.boundaries and optim.factors must have the same length")
     for logical, target in cfg.mesh.rules.items():

@@ -15,6 +15,10 @@ class (classify), an add-one unigram model of the training targets
 (``baseline_perplexity``), and for decoding the source copied (translate) or the last
 turn echoed back (dialogue) as the hypothesis (``baseline_bleu/chrf/rouge_l``).
 
+Inputs rejected by ``input_filter.*`` are left out and reported (counts per rule and
+the list), and ``eval.char_noise`` adds ``noisy_*`` metrics on character-noised inputs
+(:mod:`jaxllm.robust_eval`).
+
 With ``keep_outputs=True`` the per-example outputs come back under ``"outputs"`` so
 that two models can be compared by paired bootstrap (:mod:`jaxllm.compare`).
 """
@@ -28,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import data, metrics, sharding
+from jaxllm import data, metrics, robust_eval, sharding
 from jaxllm.data.formats import LengthLimits, fit_length, format_records
 from jaxllm.errors import UserError
 from jaxllm.tasks import SEQ2SEQ_TASKS
@@ -63,8 +67,11 @@ def main_metric(cfg: Any) -> str:
     return name
 
 
-def batch_iterator(session: Any, split: str, train: bool):
-    """This process's batches of `split`: shuffled and repeating for training, one pass else."""
+def batch_iterator(session: Any, split: str, train: bool, records: Any = None):
+    """This process's batches of `split`: shuffled and repeating for training, one pass else.
+
+    `records` replaces the split's own records (filtered or noised eval inputs).
+    """
     cfg = session.cfg
     kw = dict(
         process_index=jax.process_index(),
@@ -76,18 +83,22 @@ def batch_iterator(session: Any, split: str, train: bool):
     if cfg.task == "lm" and not cfg.data.pack:
         # Fixed windows over one token stream, tokenized once and cached on disk.
         return data.make_lm_iterator(cfg, session.tokenizer, split, cfg.train.batch_size, **kw)
-    records = data.load_records(cfg.data, split, cfg.task)
+    if records is None:
+        records = data.load_records(cfg.data, split, cfg.task)
     return data.make_task_iterator(
         cfg, session.tokenizer, records, split, cfg.task, cfg.train.batch_size, **kw
     )
 
 
-def _score_split(session: Any, params: Any, max_batches: int) -> dict[str, Any]:
+def _score_split(
+    session: Any, params: Any, max_batches: int, records: Any = None
+) -> dict[str, Any]:
     """Runs the sharded eval step over the eval split; returns sums and per-row outputs."""
     cfg, cs = session.cfg, session.steps
     totals = dict.fromkeys(("ce_sum", "correct_sum", "weight_sum", "count_sum"), 0.0)
     rows: dict[str, list] = {"predictions": [], "labels": [], "row_ce": [], "row_weight": []}
-    for i, batch in enumerate(batch_iterator(session, cfg.data.eval_split, train=False)):
+    batches = batch_iterator(session, cfg.data.eval_split, train=False, records=records)
+    for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         out = jax.device_get(cs.eval(params, sharding.make_global_batch(batch, cs.mesh, cs.rules)))
@@ -129,16 +140,18 @@ def _classify_metrics(session: Any, scored: dict) -> tuple[dict, dict]:
     return result, {"details": details, "outputs": {"predictions": preds, "labels": labels}}
 
 
-def seq2seq_examples(cfg: Any, tokenizer: Any, split: str, limit: int = 0):
+def seq2seq_examples(cfg: Any, tokenizer: Any, split: str, limit: int = 0, records: Any = None):
     """The prompts ([BOS] + source + SEP) and raw reference texts of a seq2seq split.
 
     Sources longer than the task's limits are truncated exactly as in training.
+    `records` replaces the split's own records (the input filter's accepted ones).
 
     Returns:
       ``(prompts, references, copies)``; ``copies`` is the trivial system a model must
       beat: the source itself (translate) or the last turn echoed back (dialogue).
     """
-    records = data.load_records(cfg.data, split, cfg.task)
+    if records is None:
+        records = data.load_records(cfg.data, split, cfg.task)
     n = len(records) if not limit else min(limit, len(records))
     recs = [records[i] for i in range(n)]
     examples = format_records(
@@ -322,6 +335,25 @@ def text_metric(name: str, hyps: list[str], refs: list[str]) -> float:
     return metrics.rouge(hyps, refs)[{"rouge1": "rouge1", "rouge2": "rouge2"}.get(name, "rougeL")]
 
 
+def _split_metrics(session: Any, scored: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(flat metrics, extras) of one scored pass over the eval split."""
+    t = scored["totals"]
+    loss = t["ce_sum"] / t["weight_sum"] if t["weight_sum"] else float("nan")
+    result: dict[str, Any] = {"loss": loss}
+    if session.cfg.task == "classify":
+        cls, extra = _classify_metrics(session, scored)
+        result.update(cls)
+        return result, extra
+    result.update(
+        perplexity=math.exp(min(loss, 50.0)),
+        accuracy=t["correct_sum"] / t["count_sum"],
+        tokens=t["count_sum"],
+    )
+    keep = scored["row_weight"] > 0
+    outputs = {"row_ce": scored["row_ce"][keep], "row_weight": scored["row_weight"][keep]}
+    return result, {"outputs": outputs}
+
+
 def evaluate(
     session: Any,
     params: Any,
@@ -345,32 +377,28 @@ def evaluate(
     """
     cfg = session.cfg
     n = cfg.train.eval_batches if max_batches is None else max_batches
-    scored = _score_split(session, params, n)
-    t = scored["totals"]
-    loss = t["ce_sum"] / t["weight_sum"] if t["weight_sum"] else float("nan")
-    result: dict[str, Any] = {"loss": loss}
-    extra: dict[str, Any] = {}
-    if cfg.task == "classify":
-        cls, extra = _classify_metrics(session, scored)
-        result.update(cls)
-    else:
-        result.update(
-            perplexity=math.exp(min(loss, 50.0)),
-            accuracy=t["correct_sum"] / t["count_sum"],
-            tokens=t["count_sum"],
-        )
-        keep = scored["row_weight"] > 0
-        extra["outputs"] = {
-            "row_ce": scored["row_ce"][keep],
-            "row_weight": scored["row_weight"][keep],
-        }
+    inputs = robust_eval.eval_records(cfg, session.tokenizer)
+    result, extra = _split_metrics(session, _score_split(session, params, n, inputs.records))
+    if cfg.eval.char_noise:
+        noisy_records = robust_eval.noised_records(cfg, inputs.records)
+        noisy, _ = _split_metrics(session, _score_split(session, params, n, noisy_records))
+        keys = ("loss", "accuracy", "macro_f1", "perplexity")
+        result.update({f"noisy_{k}": noisy[k] for k in keys if k in noisy})
+    flat, details = inputs.report()
+    result.update(flat)
+    if details:
+        extra.setdefault("details", {}).update(details)
     if generate and cfg.task != "classify":
         result["baseline_perplexity"] = unigram_perplexity(cfg, session.tokenizer)
     if generate and cfg.task in SEQ2SEQ_TASKS:
         prompts, refs, copies = seq2seq_examples(
-            cfg, session.tokenizer, cfg.data.eval_split, cfg.eval.max_examples
+            cfg, session.tokenizer, cfg.data.eval_split, cfg.eval.max_examples, inputs.records
         )
-        hyps = [session.tokenizer.decode(t) for t in _decode_all(session, params, prompts)]
+        # Decoding applies the model itself: extras dropped, LoRA adapters merged.
+        from jaxllm.step import model_params
+
+        decoded = _decode_all(session, model_params(params), prompts)
+        hyps = [session.tokenizer.decode(t) for t in decoded]
         result.update(_text_metrics(hyps, refs))
         result["examples"] = len(refs)
         baseline = _text_metrics(copies, refs)  # copy the source / echo the last turn

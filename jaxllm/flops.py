@@ -61,8 +61,9 @@ def param_counts(model_cfg: ModelConfig) -> dict[str, int]:
     heads, untied head, no biases. ``tie_embeddings`` and ``use_bias`` override
     the flavour defaults for the head and the dense layers; norms always follow
     the flavour. The LM head never has a bias. A classification head
-    (``num_classes`` > 0) is a d x C dense layer (with bias if dense layers have
-    one) on top of everything else.
+    (``num_classes`` > 0) is a d x C dense layer with a bias (always; see model.py)
+    on top of everything else. ``qkv_bias``/``out_bias`` (Qwen2) split the
+    attention biases from the MLP's.
 
     Args:
         model_cfg: the model config.
@@ -81,8 +82,10 @@ def param_counts(model_cfg: ModelConfig) -> dict[str, int]:
 
     norm = 2 * d if gpt2 else d  # LayerNorm scale+bias vs RMSNorm scale
     attn = d * h * q + 2 * d * k * q + h * q * d
-    if bias:
-        attn += h * q + 2 * k * q + d
+    if m.qkv_biased:
+        attn += h * q + 2 * k * q
+    if m.out_biased:
+        attn += d
     if gpt2:
         mlp = 2 * d * f + ((f + d) if bias else 0)
     else:
@@ -92,7 +95,7 @@ def param_counts(model_cfg: ModelConfig) -> dict[str, int]:
     embedding = vocab * d
     position = m.max_len * d if gpt2 else 0
     lm_head = 0 if m.tied else d * vocab
-    classifier = (d * m.num_classes + (m.num_classes if bias else 0)) if m.num_classes else 0
+    classifier = (d + 1) * m.num_classes  # the head always has a bias
     total = embedding + position + m.n_layers * per_layer + norm + lm_head + classifier
     non_embedding = total - embedding - position - lm_head
     return {

@@ -167,6 +167,7 @@ class Transformer(nn.Module):
         prefix_mask: jax.Array | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        embed_perturbation: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Computes next-token logits.
 
@@ -177,6 +178,8 @@ class Transformer(nn.Module):
           prefix_mask: [B, T] True on prefix tokens (prefix-LM; None = causal LM).
           deterministic: disables dropout.
           return_hidden: also return the final hidden states (distillation, heads).
+          embed_perturbation: [B, T, d_model] added to the token embeddings
+            (adversarial training, `jaxllm.adversarial`); None = none.
 
         Returns:
           logits [B, T, vocab] in `output_dtype` (and hidden [B, T, d_model] if asked);
@@ -194,6 +197,8 @@ class Transformer(nn.Module):
             name="token_embed",
         )
         x = embed(tokens)
+        if embed_perturbation is not None:
+            x = x + embed_perturbation.astype(x.dtype)
         if cfg.flavour == "gpt2":
             x = x + nn.Embed(
                 cfg.max_len,

@@ -132,10 +132,16 @@ def opt_state_shardings(
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(state_leaf, param_shape, sharding):
+        if isinstance(state_leaf, optax.MaskedNode):
+            return state_leaf  # an empty node (a masked-out parameter): nothing to place
         if getattr(state_leaf, "shape", None) == param_shape.shape:
             return sharding
         return replicated
 
+    if _has_partition(opt_shapes):
+        # optax.multi_transform (jaxllm.finetune) builds its state from the parameters'
+        # labels, which tree_map_params's placeholder parameters cannot stand in for.
+        return _opt_shardings_by_path(opt_shapes, params_shapes, param_shardings, replicated)
     return optax.tree_map_params(
         tx,
         pick,
@@ -144,6 +150,40 @@ def opt_state_shardings(
         param_shardings,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+
+def _has_partition(opt_state: Any) -> bool:
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.PartitionState))
+    return any(isinstance(x, optax.PartitionState) for x in nodes)
+
+
+def _opt_shardings_by_path(
+    opt_shapes: Any, params_shapes: Any, param_shardings: Any, replicated: NamedSharding
+) -> Any:
+    """Shards a state leaf like the parameter whose path ends its own, if shapes match."""
+    from jaxllm.compress.prune import path_str
+
+    by_path = {}
+    for (path, shape), sh in zip(
+        jax.tree_util.tree_leaves_with_path(params_shapes),
+        jax.tree.leaves(param_shardings),
+        strict=True,
+    ):
+        by_path[path_str(path)] = (shape.shape, sh)
+
+    def pick(path, leaf):
+        if isinstance(leaf, optax.MaskedNode):
+            return leaf
+        parts = path_str(path).split("/")
+        for i in range(len(parts)):
+            found = by_path.get("/".join(parts[i:]))
+            if found is not None and found[0] == getattr(leaf, "shape", None):
+                return found[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(
+        pick, opt_shapes, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
     )
 
 

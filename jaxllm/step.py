@@ -20,8 +20,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxllm import precision, sharding, tasks
+from jaxllm import adversarial, finetune, lora, precision, privacy, sharding, tasks
 from jaxllm.config import Config
+from jaxllm.errors import UserError
 from jaxllm.tasks import model_kwargs
 
 
@@ -76,6 +77,8 @@ class CompiledSteps:
     abstract_state: Any
     # Optimizer state for given params (a run that starts from loaded parameters).
     init_opt: Callable[[Any], Any] | None = None
+    # finetune.param_labels of the parameters ("train" / "frozen"); None = all train.
+    labels: Any = None
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -93,30 +96,66 @@ def init_params(model: nn.Module, cfg: Config, rng: jax.Array) -> Any:
     return model.init({"params": rng}, tokens)["params"]
 
 
+def init_checkpoint_params(model: nn.Module, cfg: Config, rng: jax.Array) -> Any:
+    """`init_params` plus what `cfg.finetune` stores beside them (LoRA adapters), boxed.
+
+    This is the structure of the parameters in a checkpoint trained with `cfg`.
+    """
+    params = init_params(model, cfg, rng)
+    return finetune.add_adapters(params, cfg.finetune, jax.random.fold_in(rng, 0x10AA))
+
+
 def make_loss_fn(
     model: nn.Module, cfg: Config, class_weights: Any = None, teacher: Any = None
 ) -> Callable:
     """loss(params, micro_batch, dropout_rng, total_weight, teacher_params) -> (scalar, sums)."""
     deterministic = cfg.model.dropout == 0.0
+    if teacher is not None and cfg.adversarial.method != "none":
+        raise UserError(
+            "adversarial training does not combine with distillation; set adversarial.method=none"
+        )
     if teacher is not None:
         from jaxllm.compress.distill_step import make_distill_loss_fn
 
-        return make_distill_loss_fn(model, cfg, teacher, class_weights)
+        return _finetuned(make_distill_loss_fn(model, cfg, teacher, class_weights), cfg)
 
     def loss_fn(params, batch, rng, total_weight, teacher_params=None):
         del teacher_params
-        logits = model.apply(
-            {"params": params},
-            batch["inputs"],
-            deterministic=deterministic,
-            rngs={"dropout": rng},
-            **model_kwargs(batch),
-        )
-        sums = tasks.loss_sums(cfg.task, logits, batch, cfg.train, class_weights)
+
+        def sums_at(p, perturbation=None):
+            extra = {} if perturbation is None else {"embed_perturbation": perturbation}
+            logits = model.apply(
+                {"params": p},
+                batch["inputs"],
+                deterministic=deterministic,
+                rngs={"dropout": rng},
+                **model_kwargs(batch),
+                **extra,
+            )
+            return tasks.loss_sums(cfg.task, logits, batch, cfg.train, class_weights)
+
+        if cfg.adversarial.method == "none":
+            sums = sums_at(params)
+        else:
+            shape = (*batch["inputs"].shape, cfg.model.d_model)
+            sums = adversarial.with_adversarial_loss(sums_at, params, shape, cfg.adversarial)
         # Divide by the *global* token count so micro-batches and shards add up exactly.
         return sums["loss_sum"] / total_weight, sums
 
-    return loss_fn
+    return _finetuned(loss_fn, cfg)
+
+
+def _finetuned(loss_fn: Callable, cfg: Config) -> Callable:
+    """Applies the loss to `finetune.train_view` of the parameters (modes frozen, lora)."""
+    if cfg.finetune.mode == "full":
+        return loss_fn
+
+    def view_loss(params, batch, rng, total_weight, teacher_params=None):
+        labels = finetune.param_labels(params, cfg.finetune, extra_prefix=EXTRA_PARAM_PREFIX)
+        view = finetune.train_view(params, labels, cfg.finetune, rng)
+        return loss_fn(view, batch, rng, total_weight, teacher_params)
+
+    return view_loss
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -135,12 +174,21 @@ def make_train_step(
     schedule: Callable,
     class_weights: Any = None,
     teacher: Any = None,
+    noise_multiplier: float | None = None,
 ) -> Callable:
-    """Builds the (unjitted) train step: grads over micro-batches, loss scale, update."""
+    """Builds the (unjitted) train step: grads over micro-batches, loss scale, update.
+
+    With `privacy.dp` the gradient is DP-SGD's (`jaxllm.privacy`): clipped per-example
+    gradients summed over rows and micro-batches, noised once with `noise_multiplier`
+    (default `privacy.noise_multiplier`), divided by the global batch.
+    """
     loss_fn = make_loss_fn(model, cfg, class_weights, teacher)
     n_micro = cfg.train.grad_accum
     ls_cfg = cfg.loss_scale
     base_rng = jax.random.PRNGKey(cfg.train.seed + 1)
+    dp = cfg.privacy.dp
+    if noise_multiplier is None:
+        noise_multiplier = cfg.privacy.noise_multiplier
 
     def scaled_grads(params, micro, rng, total_weight, scale, teacher_params):
         def scaled_loss(p, b, r, w):
@@ -152,6 +200,8 @@ def make_train_step(
         )
         return grads, sums
 
+    grad_fn = privacy.make_clipped_grad_sum(loss_fn, cfg) if dp else scaled_grads
+
     def train_step(
         state: TrainState, batch: dict, teacher_params: Any = None
     ) -> tuple[TrainState, dict]:
@@ -159,14 +209,14 @@ def make_train_step(
         rng = jax.random.fold_in(base_rng, state.step)
         total_weight = jnp.maximum(tasks.total_weight(cfg.task, batch, class_weights), 1e-6)
         if n_micro == 1:
-            grads, sums = scaled_grads(
+            grads, sums = grad_fn(
                 state.params, batch, rng, total_weight, state.loss_scale, teacher_params
             )
         else:
 
             def body(acc, xs):
                 micro, i = xs
-                g, s = scaled_grads(
+                g, s = grad_fn(
                     state.params,
                     micro,
                     jax.random.fold_in(rng, i),
@@ -178,7 +228,7 @@ def make_train_step(
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             zero_sums = jax.eval_shape(
-                lambda: scaled_grads(
+                lambda: grad_fn(
                     state.params, _first_micro(batch, n_micro), rng, total_weight,
                     state.loss_scale, teacher_params,
                 )[1]
@@ -187,7 +237,12 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(
                 body, (zeros, zero_sums), (_split_micro(batch, n_micro), jnp.arange(n_micro))
             )
-        grads = precision.unscale(state.loss_scale, grads)
+        if dp:  # unscaled per example before clipping; noised once for the whole batch
+            stddev = noise_multiplier * cfg.privacy.clip_norm
+            key = privacy.noise_key(cfg.train.seed, state.step)
+            grads = privacy.noised_mean(grads, key, stddev, cfg.train.batch_size)
+        else:
+            grads = precision.unscale(state.loss_scale, grads)
         finite = precision.all_finite(grads) & jnp.isfinite(sums["loss_sum"])
         # An fp16 overflow is the loss scale's business (lowered, step retried); only a
         # non-finite step that scaling cannot explain counts toward divergence.
@@ -217,6 +272,10 @@ def make_train_step(
             "nonfinite_streak": new_state.nonfinite_streak,
             "nonfinite_total": new_state.nonfinite_total,
         }
+        if dp:
+            metrics["dp_clipped_fraction"] = sums["dp_clipped_sum"] / cfg.train.batch_size
+        if "adv_ce_sum" in sums:
+            metrics["adv_loss"] = sums["adv_ce_sum"] / total_weight
         return new_state, metrics
 
     return train_step
@@ -227,8 +286,11 @@ EXTRA_PARAM_PREFIX = "distill_"
 
 
 def model_params(params: Any) -> Any:
-    """The model's own parameters (extra training-only parameters dropped)."""
-    return {k: v for k, v in params.items() if not k.startswith(EXTRA_PARAM_PREFIX)}
+    """The model's own parameters: extra training-only ones dropped, LoRA adapters merged.
+
+    What eval, decoding and export apply the model to (`jaxllm.lora.merge`, no dropout).
+    """
+    return lora.merge({k: v for k, v in params.items() if not k.startswith(EXTRA_PARAM_PREFIX)})
 
 
 def make_eval_step(model: nn.Module, cfg: Config, class_weights: Any = None) -> Callable:
@@ -254,14 +316,18 @@ def compile_steps(
     mesh: Mesh,
     class_weights: Any = None,
     hooks: StepHooks | None = None,
+    dp_plan: Any = None,
 ) -> CompiledSteps:
-    """Derives state shardings from the logical annotations and jits init/train/eval."""
+    """Derives state shardings from the logical annotations and jits init/train/eval.
+
+    `dp_plan` (a `jaxllm.privacy.DpPlan`) gives DP-SGD its noise multiplier.
+    """
     rules = sharding.logical_rules(cfg.mesh)
     use_loss_scale = cfg.precision == "fp16"
     hooks = hooks or StepHooks()
 
     def create_boxed():
-        params = init_params(model, cfg, jax.random.PRNGKey(cfg.train.seed))
+        params = init_checkpoint_params(model, cfg, jax.random.PRNGKey(cfg.train.seed))
         if hooks.extra_params is not None:
             params = {**params, **hooks.extra_params(jax.random.PRNGKey(cfg.train.seed + 7))}
         return params
@@ -270,6 +336,13 @@ def compile_steps(
         boxed_shapes = jax.eval_shape(create_boxed)
         param_shapes = strip_boxes(boxed_shapes)
         param_sh = sharding.tree_shardings(boxed_shapes, mesh, rules)
+        labels = None
+        if cfg.finetune.mode != "full":
+            # Frozen parameters get no updates and no optimizer state.
+            labels = finetune.param_labels(
+                param_shapes, cfg.finetune, check=True, extra_prefix=EXTRA_PARAM_PREFIX
+            )
+            tx = finetune.wrap_optimizer(tx, labels)
         opt_shapes = jax.eval_shape(tx.init, param_shapes)
         opt_sh = sharding.opt_state_shardings(tx, opt_shapes, param_shapes, param_sh, mesh)
         repl = sharding.replicated(mesh)
@@ -303,7 +376,8 @@ def compile_steps(
     # Split the leading (batch) dim of every batch array, whatever its rank ([B] labels too).
     batch_sh = sharding.batch_sharding(mesh, rules, ndim=1)
     teacher = hooks.teacher
-    train_fn = make_train_step(model, tx, cfg, schedule, class_weights, teacher)
+    sigma = dp_plan.noise_multiplier if dp_plan is not None else None
+    train_fn = make_train_step(model, tx, cfg, schedule, class_weights, teacher, sigma)
     if teacher is None:
         train_jit = jax.jit(
             train_fn,
@@ -349,4 +423,5 @@ def compile_steps(
         eval=in_context(eval_jit),
         abstract_state=abstract,
         init_opt=in_context(init_opt_jit),
+        labels=labels,
     )

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxllm import data, flops, guards, optim, sharding, tasks, transfer
+from jaxllm import data, finetune, flops, guards, optim, privacy, sharding, tasks, transfer
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import Config, save_config
+from jaxllm.data.tokenizer import tokenizer_file_name
 from jaxllm.errors import UserError
 from jaxllm.evaluation import batch_iterator, evaluate
 from jaxllm.logger import MetricsLogger
@@ -48,6 +49,7 @@ class Session:
     train_labels: Any = None
     class_weights: Any = None
     hooks: StepHooks | None = None
+    privacy: Any = None  # a jaxllm.privacy.DpPlan when privacy.dp is on
 
 
 def _classify_setup(cfg: Config) -> tuple[list[str] | None, np.ndarray, Any]:
@@ -96,7 +98,10 @@ def build_session(
     names, labels, weights = None, None, None
     if cfg.task == "classify":
         names, labels, weights = _classify_setup(cfg)
-    steps = compile_steps(model, tx, cfg, schedule, mesh, weights, hooks)
+    plan = None
+    if cfg.privacy.dp:
+        plan = privacy.make_plan(cfg, privacy.count_examples(cfg, tokenizer))
+    steps = compile_steps(model, tx, cfg, schedule, mesh, weights, hooks, dp_plan=plan)
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(
@@ -104,7 +109,7 @@ def build_session(
             keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpoint,
         )
-    return Session(cfg, model, tokenizer, steps, ckpt, names, labels, weights, hooks)
+    return Session(cfg, model, tokenizer, steps, ckpt, names, labels, weights, hooks, plan)
 
 
 def _restore_or_init(session: Session) -> tuple[Any, dict, int]:
@@ -174,14 +179,17 @@ def _log_record(cfg: Config, metrics: Any, throughput: _Throughput) -> dict[str,
     )
     if cfg.precision == "fp16":
         record.update(loss_scale=host["loss_scale"], skipped=host["skipped"])
+    record.update({k: host[k] for k in ("dp_clipped_fraction", "adv_loss") if k in host})
     return record
 
 
 def _prepare_workdir(cfg: Config, session: Session, workdir: str) -> None:
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(workdir, "config.yaml"))
+        if session.privacy is not None:
+            session.privacy.save(workdir)
         # The workdir carries its tokenizer, so eval/generate never depend on the data cache.
-        copy = os.path.join(workdir, "tokenizer.model")
+        copy = os.path.join(workdir, tokenizer_file_name(session.tokenizer.path))
         if os.path.abspath(session.tokenizer.path) != os.path.abspath(copy):
             shutil.copyfile(session.tokenizer.path, copy)
 
@@ -214,9 +222,16 @@ def train(
     guards.preflight_workdir(workdir)
     session = build_session(cfg, workdir, devices, hooks)
     cs, ckpt, tc = session.steps, session.checkpointer, cfg.train
+    log.info(
+        "finetune.mode=%s: %s parameters",
+        cfg.finetune.mode,
+        finetune.describe(cs.abstract_state.params, cs.labels),
+    )
     if tc.preflight_disk:
         guards.preflight_disk(workdir, cs.abstract_state, tc.keep_checkpoints)
     _prepare_workdir(cfg, session, workdir)
+    if session.privacy is not None:
+        privacy.log_plan(session.privacy)
     state, data_state, start = _restore_or_init(session)
     it = batch_iterator(session, cfg.data.train_split, train=True)
     if data_state:
@@ -253,6 +268,8 @@ def train(
             previous = (metrics, done)
             if done % tc.log_every == 0 or done == tc.steps:
                 record = _log_record(cfg, metrics, throughput)
+                if session.privacy is not None:
+                    record["dp_epsilon"] = session.privacy.epsilon(done)
                 first_loss = record["loss"] if first_loss is None else first_loss
                 if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
                     evals = _scalars(evaluate(session, state.params))
@@ -284,7 +301,8 @@ def train(
     # The final eval also decodes (translate, dialogue): BLEU/chrF/ROUGE of the run.
     full_eval = evaluate(session, state.params, generate=True)
     final_eval = _scalars(full_eval)
-    logger.write(tc.steps, {f"eval_{k}": v for k, v in final_eval.items()})
+    dp_report = session.privacy.report() if session.privacy is not None else {}
+    logger.write(tc.steps, {**{f"eval_{k}": v for k, v in final_eval.items()}, **dp_report})
     logger.close()
     if ckpt is not None:
         ckpt.close()
@@ -293,6 +311,7 @@ def train(
         first_logged_loss=first_loss,
         final_loss=summary.get("loss"),
         **{f"eval_{k}": v for k, v in final_eval.items()},
+        **dp_report,
     )
     summary["state"], summary["session"] = state, session
     if "details" in full_eval:

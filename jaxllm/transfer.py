@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def pretrained_tokenizer(init_from: str) -> str:
-    """``DIR/tokenizer.model`` of a pretrained workdir, or "" if it has none."""
-    path = os.path.join(init_from, "tokenizer.model")
-    return path if init_from and os.path.isfile(path) else ""
+    """``DIR/tokenizer.model`` (or ``tokenizer.json``) of a pretrained workdir, or ""."""
+    from jaxllm.data.tokenizer import workdir_tokenizer
+
+    return workdir_tokenizer(init_from)
 
 
 def _source_config(init_from: str, cfg: Any) -> Any:
@@ -80,12 +81,15 @@ def load_pretrained(
     """
     from jaxllm import sharding
     from jaxllm.model import build_model
-    from jaxllm.step import init_params, strip_boxes
+    from jaxllm.step import init_checkpoint_params, model_params, strip_boxes
 
     src_cfg = _source_config(init_from, cfg)
     src_model = build_model(src_cfg.model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: init_params(src_model, src_cfg, jax.random.PRNGKey(0)))
+        # A LoRA-trained source holds adapters beside its base: restored, then merged.
+        boxed = jax.eval_shape(
+            lambda: init_checkpoint_params(src_model, src_cfg, jax.random.PRNGKey(0))
+        )
         shardings = sharding.tree_shardings(boxed, mesh, rules)
     src_abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -97,7 +101,7 @@ def load_pretrained(
         src_params, step = source.restore_params(src_abstract)
     finally:
         source.close()
-    src_flat = traverse_util.flatten_dict(src_params)
+    src_flat = traverse_util.flatten_dict(model_params(src_params))
     dst_flat = traverse_util.flatten_dict(params)
     dst_shapes = traverse_util.flatten_dict(abstract_params)
     mismatched = [

@@ -29,8 +29,10 @@ def workdir_config(workdir: str, overrides: list[str]) -> Any:
     cfg = load_config(path, overrides)
     if not any(o.startswith("mesh.") for o in overrides):
         fit_mesh_to_devices(cfg)
-    tokenizer = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(tokenizer):
+    from jaxllm.data.tokenizer import workdir_tokenizer
+
+    tokenizer = workdir_tokenizer(workdir)
+    if tokenizer:
         cfg.data.tokenizer = tokenizer
     # The weights are already in the checkpoint: no second load from a pretrained source.
     cfg.init_from = ""
@@ -68,6 +70,41 @@ def restore_params(workdir: str, cfg: Any, devices: Any = None) -> tuple[Any, An
     """
     from jaxllm.train import build_session
 
+    if cfg.finetune.mode == "lora":
+        return _restore_merged(workdir, cfg, devices)
     session = build_session(cfg, workdir, devices)
     params, step = session.checkpointer.restore_params(session.steps.abstract_state.params)
     return session, params, step
+
+
+def _restore_merged(workdir: str, cfg: Any, devices: Any) -> tuple[Any, Any, int]:
+    """A LoRA workdir: restores base and adapters, returns the merged (plain) model.
+
+    The session is built for the merged model (``finetune.mode=full``), so everything
+    that restores a workdir -- eval, generate, a compression teacher -- sees one model.
+    """
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+
+    from jaxllm import sharding
+    from jaxllm.config import FinetuneConfig
+    from jaxllm.step import init_checkpoint_params, model_params, strip_boxes
+    from jaxllm.train import build_session
+
+    session = build_session(dataclasses.replace(cfg, finetune=FinetuneConfig()), workdir, devices)
+    cs = session.steps
+    with jax.set_mesh(cs.mesh), nn.logical_axis_rules(cs.rules):
+        boxed = jax.eval_shape(
+            lambda: init_checkpoint_params(session.model, cfg, jax.random.PRNGKey(0))
+        )
+        shardings = sharding.tree_shardings(boxed, cs.mesh, cs.rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        strip_boxes(boxed),
+        shardings,
+    )
+    restored, step = session.checkpointer.restore_params(abstract)
+    merge = jax.jit(model_params, out_shardings=cs.state_shardings.params)
+    return session, merge(restored), step

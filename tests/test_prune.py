@@ -279,3 +279,55 @@ def test_per_layer_overrides_and_report():
     assert "token_embed/embedding" not in rows
     with pytest.raises(ValueError, match="exactly one"):
         magnitude_masks(params, 0.5, pattern=(2, 4))
+
+
+def _run(tx, params, grads_fn, steps):
+    state, history = tx.init(params), []
+    for _ in range(steps):
+        updates, state = tx.update(grads_fn(params), state, params)
+        params = optax.apply_updates(params, updates)
+        history.append((params, state))
+    return history
+
+
+def test_decay_pruning_fades_then_holds_exact_n_m_zeros():
+    rng = np.random.default_rng(0)
+    params = {"mlp": {"fc": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}}}
+    tx = optax.chain(optax.adam(1e-2), gradual_magnitude_pruning(None, 2, 6, pattern=(2, 4),
+                                                                 decay=True))  # fmt: skip
+    grads = lambda p: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), p)  # noqa: E731
+    history = _run(tx, params, grads, 12)
+    kernels = [np.asarray(p["mlp"]["fc"]["kernel"]) for p, _ in history]
+    # Before `end` nothing is exactly zero yet: the pruned weights only shrink.
+    assert all(np.count_nonzero(k) == k.size for k in kernels[:6])
+    for k, (_, state) in zip(kernels[6:], history[6:], strict=True):
+        groups = k.reshape(4, 4, 8)
+        assert ((groups != 0).sum(axis=1) == 2).all()  # exactly 2 of every 4 kept
+        mask = np.asarray(state[1].masks["mlp"]["fc"]["kernel"])
+        np.testing.assert_array_equal(k != 0, mask)
+    np.testing.assert_array_equal(kernels[6] != 0, kernels[-1] != 0)  # masks frozen
+
+
+def test_decay_pruning_at_zero_is_one_shot_and_lets_a_growing_weight_back():
+    base = (np.arange(1.0, 17.0, dtype=np.float32) / 16).reshape(16, 1)
+    params = {"mlp": {"fc": {"kernel": jnp.asarray(base)}}}
+    grads = lambda p: jax.tree.map(jnp.ones_like, p)  # noqa: E731
+    one = _run(optax.chain(optax.sgd(1e-3), gradual_magnitude_pruning(None, 0, 0, pattern=(2, 4))),
+               params, grads, 3)  # fmt: skip
+    dec = _run(optax.chain(optax.sgd(1e-3), gradual_magnitude_pruning(
+        None, 0, 0, pattern=(2, 4), decay=True)), params, grads, 3)  # fmt: skip
+    for (a, _), (b, _) in zip(one, dec, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["mlp"]["fc"]["kernel"]),
+                                      np.asarray(b["mlp"]["fc"]["kernel"]))  # fmt: skip
+    # Group [0.3, 0.5, 1.0, 0.0]: the gradient pushes the pruned 0.3 up by 0.1 a step.
+    kernel = np.asarray([0.3, 0.5, 1.0, 0.0] + list(base[4:, 0]), np.float32)[:, None]
+    push = np.zeros_like(kernel)
+    push[0] = -1.0
+    tx = optax.chain(optax.sgd(0.1), gradual_magnitude_pruning(None, 0, 5, pattern=(2, 4),
+                                                               decay=True))  # fmt: skip
+    wrap = lambda x: {"mlp": {"fc": {"kernel": jnp.asarray(x)}}}  # noqa: E731
+    hist = _run(tx, wrap(kernel), lambda p: wrap(push), 8)
+    first = np.asarray(hist[0][1][1].masks["mlp"]["fc"]["kernel"])[:4, 0]
+    last = np.asarray(hist[-1][0]["mlp"]["fc"]["kernel"])[:4, 0]
+    np.testing.assert_array_equal(first, [False, True, True, False])  # 0.3 pruned at first
+    assert last[0] > 0.7 and last[1] == 0.0  # it grew back past 0.5, which was pruned

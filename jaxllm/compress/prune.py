@@ -364,6 +364,7 @@ def gradual_magnitude_pruning(
     overrides: Mapping[str, float | tuple[int, int]] | None = None,
     include: str | None = DEFAULT_INCLUDE,
     exclude: str | None = DEFAULT_EXCLUDE,
+    decay: bool = False,
 ) -> optax.GradientTransformation:
     """Gradual magnitude pruning as an optax transform (put it LAST in the chain).
 
@@ -388,10 +389,12 @@ def gradual_magnitude_pruning(
         the same schedule.
       include: regex of prunable paths.
       exclude: regex of paths never pruned.
+      decay: fade the pruned weights out instead of cutting them (see
+        :func:`decaying_magnitude_pruning`); ``every`` and ``initial`` are then unused.
 
     Returns:
-      A ``GradientTransformation`` with :class:`GradualPruningState`; ``update`` needs
-      params.
+      A ``GradientTransformation`` with :class:`GradualPruningState` (or
+      :class:`DecayPruningState`); ``update`` needs params.
     """
     if not 0 <= start <= end or every < 1:
         raise ValueError(f"need 0 <= start <= end and every >= 1, got {start}, {end}, {every}")
@@ -400,6 +403,11 @@ def gradual_magnitude_pruning(
         if final_sparsity is not None and abs(final_sparsity - (1 - n / m)) > 1e-9:
             raise ValueError(f"pattern {n}:{m} implies sparsity {1 - n / m}, not {final_sparsity}")
         final_sparsity = None
+    if decay:
+        return decaying_magnitude_pruning(
+            final_sparsity, start, end, pattern, scope=scope, overrides=overrides,
+            include=include, exclude=exclude,
+        )  # fmt: skip
 
     def at_step(rule, step):
         if rule is None:
@@ -434,6 +442,100 @@ def gradual_magnitude_pruning(
         masks = jax.lax.cond(due, recompute, lambda prev: prev, state.masks)
         new_state = GradualPruningState(count=optax.safe_int32_increment(step), masks=masks)
         return _keep(updates, params, masks), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+class DecayPruningState(NamedTuple):
+    """State of :func:`decaying_magnitude_pruning`.
+
+    Attributes:
+      count: updates applied so far.
+      masks: the current keep-masks (final once ``count > end``).
+      dense: the dense shadow weights the updates accumulate into while pruned weights
+        fade; it mirrors the parameters (one more parameter-sized buffer, like an Adam
+        moment, for the length of the pruning stage).
+    """
+
+    count: jax.Array
+    masks: Any
+    dense: Any
+
+
+def decaying_magnitude_pruning(
+    final_sparsity: float | None,
+    start: int,
+    end: int,
+    pattern: tuple[int, int] | None = None,
+    *,
+    scope: str = "layer",
+    overrides: Mapping[str, float | tuple[int, int]] | None = None,
+    include: str | None = DEFAULT_INCLUDE,
+    exclude: str | None = DEFAULT_EXCLUDE,
+) -> optax.GradientTransformation:
+    """Gradual pruning by decaying the pruned weights (put it LAST in the chain).
+
+    The "pruning mask decay" recipe of Kao et al. 2022 ("Training Recipes for N:M
+    Structured Sparsity with Decaying Pruned Weights"): updates accumulate into dense
+    shadow weights ``w``; at every update ``t`` with ``start <= t <= end`` the final
+    masks (e.g. 2:4) are chosen afresh from ``|w|`` and the parameters become
+    ``w * (mask + beta_t * (1 - mask))`` with ``beta_t = (1 - progress)^3``, the cubic
+    schedule of :func:`polynomial_sparsity` read as the fraction of magnitude the
+    pruned weights keep. A weight that the gradients favour can therefore grow back
+    into its group while the pruned ones fade, which cutting (monotone masks) does not
+    allow. At ``t == end`` ``beta`` is 0 and the masks freeze: from then on this acts as
+    :func:`keep_masked`. ``start == end == 0`` is one-shot pruning.
+
+    Args:
+      final_sparsity: unstructured sparsity (None with ``pattern``).
+      start: update count at which the fading starts (dense until then).
+      end: update count at which the pruned weights reach zero.
+      pattern: ``(n, m)`` N:M masks instead of unstructured ones.
+      scope: ``"layer"`` or ``"global"``, as in :func:`magnitude_masks`.
+      overrides: per-path final settings, as in :func:`magnitude_masks`.
+      include: regex of prunable paths.
+      exclude: regex of paths never pruned.
+
+    Returns:
+      A ``GradientTransformation`` with :class:`DecayPruningState`; ``update`` needs
+      params.
+    """
+    if not 0 <= start <= end:
+        raise ValueError(f"need 0 <= start <= end, got {start}, {end}")
+
+    def init(params):
+        masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+        return DecayPruningState(count=jnp.zeros([], jnp.int32), masks=masks, dense=params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("decaying_magnitude_pruning needs params: tx.update(g, s, params)")
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        paths = [path_str(p) for p, _ in flat]
+        rules = _resolve_rules(paths, final_sparsity, pattern, scope, overrides, include, exclude)
+        step = state.count
+
+        def fading(_):
+            # Straight-through: the update computed at the faded weights moves the
+            # dense shadow, so a faded weight that keeps being pushed can return.
+            dense = jax.tree.map(lambda w, u: w + u.astype(w.dtype), state.dense, updates)
+            masks = treedef.unflatten(_masks_from_rules(treedef.flatten_up_to(dense), paths, rules))
+            beta = 1.0 - polynomial_sparsity(step, 1.0, start, end)
+            masks = jax.tree.map(lambda k: k | (step < start), masks)
+            new = jax.tree.map(
+                lambda w, k: jnp.where(k, w, (w * beta).astype(w.dtype)), dense, masks
+            )
+            out = jax.tree.map(lambda n, p, u: (n - p).astype(u.dtype), new, params, updates)
+            return out, masks, dense
+
+        def frozen(_):
+            return _keep(updates, params, state.masks), state.masks, state.dense
+
+        out, masks, dense = jax.lax.cond(step <= end, fading, frozen, None)
+        new_state = DecayPruningState(
+            count=optax.safe_int32_increment(step), masks=masks, dense=dense
+        )
+        return out, new_state
 
     return optax.GradientTransformation(init, update)
 

@@ -10,8 +10,10 @@ starting from the previous stage's model (or the one named by ``source``):
   ``topk: K`` keeps only the teacher's K largest logits as the soft target;
   ``cache_teacher: true`` computes them once before training (the teacher does not run
   in the step; `jaxllm.compress.teacher_cache`).
-* ``prune``: magnitude pruning with fine-tuning, gradual (cubic schedule between
-  ``start`` and ``end``, fractions of the steps) or one-shot, unstructured or N:M.
+* ``prune``: magnitude pruning with fine-tuning, unstructured or N:M: ``gradual`` (the
+  pruned fraction follows a cubic schedule between ``start`` and ``end``, fractions of
+  the steps), ``decay`` (the final masks are re-chosen every step while the pruned
+  weights fade out on that schedule, Kao et al. 2022) or ``oneshot``.
 * ``qat``: fine-tuning with fake-quantised projections, then conversion to integers.
 * ``ptq``: integer weights (and calibrated activations) with no training.
 * ``finetune``: the same training with no compression: the control that separates what
@@ -49,6 +51,7 @@ from jaxllm.compress.report import (
     write_report,
 )
 from jaxllm.config import _build, _read_yaml, from_dict, save_config, to_dict
+from jaxllm.data.tokenizer import tokenizer_file_name, workdir_tokenizer
 from jaxllm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ class Stage:
     path: str = ""  # export: where the deliverable goes (default OUT/export)
     sparsity: float = 0.0
     pattern: str = ""  # "2:4": N:M instead of unstructured
-    schedule: str = field(default="gradual", metadata={"choices": ("gradual", "oneshot")})
+    schedule: str = field(default="gradual", metadata={"choices": ("gradual", "decay", "oneshot")})
     start: float = 0.0
     end: float = 0.5
     every: int = 10
@@ -262,8 +265,10 @@ def export_model(out_dir: str, cfg: Any, params: Any, tokenizer_path: str) -> st
     os.makedirs(out_dir)
     cfg = _reconfigure(cfg, [])
     cfg.init_from = ""
+    # model_params merged any LoRA adapters: the written model is a plain one.
+    cfg.finetune = type(cfg.finetune)()
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, tokenizer_file_name(tokenizer_path)))
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
     try:
         ckpt.save(0, {"params": model_params(params)}, {}, force=True)
@@ -384,8 +389,9 @@ def run_prune(st: Stage, src: Model, teacher: Model, out: str, devices: Any) -> 
         start = end = 0  # everything pruned at the first update, then fine-tuned
     pattern = _pattern(st.pattern) if st.pattern else None
     pruner = P.gradual_magnitude_pruning(
-        None if pattern else st.sparsity, start, end, st.every, pattern, scope=st.scope
-    )
+        None if pattern else st.sparsity, start, end, st.every, pattern, scope=st.scope,
+        decay=st.schedule == "decay",
+    )  # fmt: skip
     hooks = StepHooks(wrap_tx=lambda tx: optax.chain(tx, pruner))
     return [_train(st.name, cfg, out, hooks, devices)]
 
@@ -421,7 +427,7 @@ def _to_int(name: str, cfg: Any, src: Model, out: str, devices: Any, scales=None
     qparams = quantize_model_params(jax.device_get(src.params), cfg.model)
     if scales is not None:
         qparams = attach_act_scales(qparams, scales)
-    tokenizer = os.path.join(src.dir, "tokenizer.model")
+    tokenizer = workdir_tokenizer(src.dir)
     model_dir = export_model(os.path.join(out, name, "model"), cfg, qparams, tokenizer)
     return _load(name, model_dir, devices)
 
@@ -567,12 +573,12 @@ def run_recipe(
     claim_workdir(out, recipe_path, teacher_dir, extra)
     started = time.time()
     t_cfg = workdir_config(teacher_dir, extra)
-    src_tok = os.path.join(teacher_dir, "tokenizer.model")
+    src_tok = workdir_tokenizer(teacher_dir)
     from jaxllm.workdir import restore_params
 
     t_session, t_params, _ = restore_params(teacher_dir, t_cfg, devices)
     # The teacher is re-stored as parameters only, so every row's size is measured alike.
-    tok = src_tok if os.path.exists(src_tok) else t_session.tokenizer.path
+    tok = src_tok or t_session.tokenizer.path
     t_dir = export_model(os.path.join(out, "teacher", "model"), t_cfg, t_params, tok)
     teacher = _load("teacher", t_dir, devices)
     models = {"teacher": teacher}

@@ -21,6 +21,7 @@ import io
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -43,27 +44,31 @@ _RECIPE_VERSION = "jaxllm-sp/2"
 
 
 class Tokenizer:
-    """A SentencePiece model with jaxllm's special ids.
+    """A SentencePiece model and its special ids.
+
+    jaxllm's own models use ``pad=0, unk=1, bos=2, eos=3``. A converted checkpoint's
+    model (e.g. Llama's ``tokenizer.model``: unk 0, bos 1, eos 2, no pad) keeps its own
+    ids; one without a pad id pads with EOS (padding is masked by segment ids anyway).
 
     Attributes:
       path: The ``.model`` file it was loaded from.
-      pad_id, unk_id, bos_id, eos_id: 0, 1, 2, 3.
+      pad_id, unk_id, bos_id, eos_id: The model's special ids.
     """
-
-    pad_id = PAD_ID
-    unk_id = UNK_ID
-    bos_id = BOS_ID
-    eos_id = EOS_ID
 
     def __init__(self, path: str):
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_file=path)
-        ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        self.unk_id, self.bos_id, self.eos_id = (
+            self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()
+        )  # fmt: skip
+        if self.eos_id < 0:
             raise UserError(
-                f"tokenizer '{path}' has pad/unk/bos/eos ids {ids}, jaxllm needs (0, 1, 2, 3); "
-                "retrain it with jaxllm.data.tokenizer.train_tokenizer"
+                f"tokenizer '{path}' has no end-of-sequence piece; jaxllm ends documents "
+                "with EOS: retrain it with jaxllm.data.tokenizer.train_tokenizer"
             )
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        if self.bos_id < 0:
+            self.bos_id = self.eos_id  # GPT-2 style: one boundary token
 
     @property
     def vocab_size(self) -> int:
@@ -102,24 +107,48 @@ class Tokenizer:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a SentencePiece ``.model`` file.
+# The tokenizer file of a workdir, by kind: jaxllm's own or a converted checkpoint's
+# SentencePiece model, or a Hugging Face `tokenizers` file.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def workdir_tokenizer(workdir: str) -> str:
+    """The tokenizer file a workdir carries (``tokenizer.model`` or ``.json``), or ""."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(workdir, name)
+        if workdir and os.path.isfile(path):
+            return path
+    return ""
+
+
+def tokenizer_file_name(path: str) -> str:
+    """The name a tokenizer file takes inside a workdir (by its kind)."""
+    return TOKENIZER_FILES[1] if path.endswith(".json") else TOKENIZER_FILES[0]
+
+
+def load_tokenizer(path: str) -> Any:
+    """Loads a SentencePiece ``.model`` file or a Hugging Face ``tokenizer.json``.
 
     Args:
-      path: Path of the model file.
+      path: Path of the model file (a ``.json`` file loads
+        :class:`jaxllm.data.hf_tokenizer.HFTokenizer`).
 
     Returns:
       The tokenizer.
 
     Raises:
-      UserError: If the file is missing or is not a SentencePiece model.
+      UserError: If the file is missing or is not a tokenizer.
     """
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise UserError(
             f"tokenizer file '{path}' not found; set data.tokenizer to an existing "
-            "SentencePiece .model file, or to '' to train one on the corpus"
+            "SentencePiece .model or tokenizer.json file, or to '' to train one on the corpus"
         )
+    if path.endswith(".json"):
+        from jaxllm.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
     try:
         return Tokenizer(path)
     except (RuntimeError, OSError) as e:

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face and jaxllm (`jaxllm convert`)."""
