@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import test_train  # tests/ is on sys.path (conftest.py)
 
 from jaxllm import cli, finetune, lora, optim, sharding, step, transfer
 from jaxllm.attention import Projection
@@ -18,22 +19,8 @@ from jaxllm.model import build_model
 from jaxllm.train import host_params, train
 from jaxllm.workdir import restore_params, workdir_config
 
-SMALL = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.flavour=llama",
-    "data.seq_len=32",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.eval_batches=2",
-    "train.checkpoint_every=0",
-    "train.progress_bar=false",
-    "train.tensorboard=false",
-    "optim.warmup_steps=1",
-]
+# test_train's small model, with the step count left to each test.
+SMALL = [o for o in test_train.SMALL if not o.startswith("train.steps=")]
 # On a randomly initialised base the adapters must reach every matrix, the LM head
 # included, to move the predictions in 20 steps (a pretrained base needs far less).
 LORA = [

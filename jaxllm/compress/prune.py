@@ -345,6 +345,16 @@ def polynomial_sparsity(step, final: float, start: int, end: int, initial: float
     return (final + (initial - final) * (1.0 - progress) ** 3).astype(jnp.float32)
 
 
+def _leaf_rules(who, params, sparsity, pattern, scope, overrides, include, exclude):
+    """(flat leaves with paths, treedef, path strings, per-leaf rules) of a pruner's params."""
+    if params is None:
+        raise ValueError(f"{who} needs params: call tx.update(grads, state, params)")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_str(p) for p, _ in flat]
+    rules = _resolve_rules(paths, sparsity, pattern, scope, overrides, include, exclude)
+    return flat, treedef, paths, rules
+
+
 class GradualPruningState(NamedTuple):
     """State of :func:`gradual_magnitude_pruning`: update count and current masks."""
 
@@ -424,11 +434,10 @@ def gradual_magnitude_pruning(
         return GradualPruningState(count=jnp.zeros([], jnp.int32), masks=masks)
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("gradual_magnitude_pruning needs params: tx.update(g, state, params)")
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths = [path_str(p) for p, _ in flat]
-        rules = _resolve_rules(paths, final_sparsity, pattern, scope, overrides, include, exclude)
+        flat, treedef, paths, rules = _leaf_rules(
+            "gradual_magnitude_pruning", params, final_sparsity, pattern, scope, overrides,
+            include, exclude,
+        )  # fmt: skip
         step = state.count
 
         def recompute(prev):
@@ -508,11 +517,10 @@ def decaying_magnitude_pruning(
         return DecayPruningState(count=jnp.zeros([], jnp.int32), masks=masks, dense=params)
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("decaying_magnitude_pruning needs params: tx.update(g, s, params)")
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths = [path_str(p) for p, _ in flat]
-        rules = _resolve_rules(paths, final_sparsity, pattern, scope, overrides, include, exclude)
+        _, treedef, paths, rules = _leaf_rules(
+            "decaying_magnitude_pruning", params, final_sparsity, pattern, scope, overrides,
+            include, exclude,
+        )  # fmt: skip
         step = state.count
 
         def fading(_):
