@@ -210,3 +210,42 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
         )  # fmt: skip
     assert main(["convert", "hf-to-jaxllm", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_shipped_finetune_config_trains_lora_on_a_converted_checkpoint(converted, tmp_path):
+    from jaxllm.config import load_config
+    from jaxllm.train import host_params, train
+
+    _, _, dst = converted["gpt2"]
+    cfg = load_config(
+        "configs/finetune_hf_cls.yaml",
+        [f"init_from={dst}", "model.vocab_size=384", "model.d_model=64", "model.n_layers=2",
+         "model.n_heads=4", "model.max_len=64", "data.seq_len=64", "train.steps=3",
+         "train.batch_size=8", "train.eval_batches=1", "train.eval_every=0",
+         "train.checkpoint_every=0", "train.progress_bar=false", "train.tensorboard=false"],
+    )  # fmt: skip
+    out = train(cfg, str(tmp_path / "ft"))
+    params = host_params(out["state"])
+    base = restore_params(dst, workdir_config(dst, []))[1]
+    # LoRA: the converted backbone is untouched; adapters and the new head trained.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(base)["layer_1"],
+                 params["layer_1"])  # fmt: skip
+    assert np.abs(params["lora"]["layer_1"]["attn"]["query"]["kernel"]["b"]).max() > 0
+    assert np.isfinite(out["eval_loss"]) and 0.0 <= out["eval_accuracy"] <= 1.0
+
+
+def test_foreign_sentencepiece_ids_are_kept(tmp_path):
+    """A checkpoint's own SentencePiece model (Llama: unk 0, bos 1, eos 2, no pad)."""
+    import sentencepiece as spm
+
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    path = str(tmp_path / "sp")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_prefix=path, vocab_size=50, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    tok = load_tokenizer(path + ".model")
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2)
+    sp = spm.SentencePieceProcessor(model_file=path + ".model")
+    assert tok.encode("tuples are immutable") == sp.encode("tuples are immutable")
