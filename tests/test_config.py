@@ -76,3 +76,6 @@ def test_shipped_configs_load():
     for name in ("lm_tiny", "gpt2_124m", "llama_1b"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.train.steps > 0
+    assert load_config("configs/cls_chatter_topic_dp.yaml").privacy.target_epsilon == 8.0
+    assert load_config("configs/cls_chatter_topic_adv.yaml").adversarial.method == "fgm"
+    assert load_config("configs/finetune_hf_cls.yaml").finetune.mode == "lora"
