@@ -35,7 +35,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import dp_accounting
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,6 +89,10 @@ def epsilon_and_order(
         return 0.0, float("nan")
     if noise_multiplier <= 0:
         return float("inf"), float("nan")
+    # Imported here: dp_accounting pulls in scipy (~3 s), which every `jaxllm` start
+    # would otherwise pay, private or not.
+    import dp_accounting
+
     accountant = dp_accounting.rdp.RdpAccountant(list(orders) if orders else None)
     event = dp_accounting.PoissonSampledDpEvent(
         min(sampling_rate, 1.0), dp_accounting.GaussianDpEvent(noise_multiplier)
