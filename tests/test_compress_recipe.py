@@ -93,11 +93,13 @@ def test_recipe_end_to_end_on_a_tiny_teacher(tmp_path):
         _assert_2_of_4(stored[name])
     qv = stored["ptq"]["layer_0"]["mlp"]["fc"]["kernel"]
     assert qv["qvalue"].dtype == np.int8 and "act_scale" in stored["ptq"]["layer_0"]["mlp"]["fc"]
-    # int8 saves 3 of every 4 bytes of each kernel (embeddings and norms stay fp32; orbax
-    # compresses, so allow for what the pruned zeros already saved).
+    # int8 saves 3 of every 4 raw bytes of each kernel (embeddings and norms stay fp32).
+    # Orbax compresses, and half of each 2:4 kernel is zeros, so the fp32 kernels already
+    # shrink on disk: CI measured a saving of 1.48 bytes a weight. More than one byte a
+    # weight is what a real int8 store must still show (fp32 kernels saved as-is: 0).
     kernel_params = sum(k.size for _, k in _kernels(stored["prune"]))
     saved = rows["prune"]["bytes_on_disk"] - rows["ptq"]["bytes_on_disk"]
-    assert saved > 0.5 * 3 * kernel_params, (saved, kernel_params)
+    assert saved > 1.0 * kernel_params, (saved, kernel_params)
     # Every metric is finite and the int8 model stays near its float source.
     assert all(np.isfinite(r["eval_perplexity"]) and r["forward_ms"] > 0 for r in rows.values())
     assert abs(rows["ptq"]["eval_perplexity"] / rows["prune"]["eval_perplexity"] - 1) < 0.05
