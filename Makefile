@@ -8,6 +8,8 @@ DEPS_HASH := $(shell sha1sum pyproject.toml | cut -c1-10)
 BASE_STAMP := $(VENV)/.base-$(DEPS_HASH)
 DEV_STAMP := $(VENV)/.dev-$(DEPS_HASH)
 HF_STAMP := $(VENV)/.hf-$(DEPS_HASH)
+TPU_STAMP := $(VENV)/.tpu-$(DEPS_HASH)
+EXPORT_STAMP := $(VENV)/.export-$(DEPS_HASH)
 export JAX_PLATFORMS ?=
 
 .PHONY: demo test lint format bench install clean
@@ -30,6 +32,17 @@ $(HF_STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -q -e ".[hf]"
 	touch $@
 
+# libtpu (jax[tpu]) for `jaxllm plan --topology v5e-8 ...` on this CPU machine.
+$(TPU_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e ".[tpu]"
+	touch $@
+
+# jax2onnx last, without its orbax-checkpoint pin (see pyproject's [export] extra).
+$(EXPORT_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install -q -e ".[export]"
+	$(PY) -m pip install -q --no-deps "jax2onnx==0.17.1"
+	touch $@
+
 install: $(BASE_STAMP)
 
 demo: $(BASE_STAMP)
@@ -45,7 +58,7 @@ format: $(DEV_STAMP)
 
 # Two xdist workers: much of the suite is single-threaded (XLA compiles, subprocess
 # runs, data preparation), so two processes keep both cores busy.
-test: $(DEV_STAMP) $(HF_STAMP) lint
+test: $(DEV_STAMP) $(HF_STAMP) $(TPU_STAMP) $(EXPORT_STAMP) lint
 	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: $(HF_STAMP)

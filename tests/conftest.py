@@ -7,7 +7,10 @@ import tempfile
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Not setdefault: the Makefile exports JAX_PLATFORMS empty, and with libtpu installed (for
+# `jaxllm plan`) an empty value makes every process probe for a TPU and print errors.
+if not os.environ.get("JAX_PLATFORMS"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
 # Prepared corpora and trained tokenizers are cached once per checkout, not per test.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAXLLM_DATA_DIR", os.path.join(REPO, ".cache", "data"))
