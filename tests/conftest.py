@@ -15,6 +15,12 @@ if not os.environ.get("JAX_PLATFORMS"):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAXLLM_DATA_DIR", os.path.join(REPO, ".cache", "data"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+# One persistent XLA compilation cache for the whole run, subprocesses included: many tests
+# start `jaxllm train` on the same tiny configs (kill -9 trials alone start ~40), and each
+# start would otherwise compile the same train step again. Cached programs are the same
+# compiled code, so bitwise-resume assertions are unaffected.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_configure(config):
