@@ -247,7 +247,18 @@ class Attention(nn.Module):
         ):
             # Attention-map transfer (distillation) reads the probabilities back.
             self.sow("intermediates", "attention_probs", attention_probs(q, k, mask))
-        if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        ring = None
+        if cfg.attention_impl == "ring" and not self.decode:
+            # Imported here: ring_attention builds its masks with this module's function.
+            from jaxllm import ring_attention
+
+            # None off a mesh or on a 1-way ring (e.g. one-device eval): dense, same numbers.
+            ring = ring_attention.ring_spec(h, kvh)
+        if ring is not None:
+            out = ring_attention.ring_attention(
+                q, k, v, positions, segment_ids, prefix_mask, window, spec=ring
+            )
+        elif q.dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
             # so on CPU (tests, laptops) the attention core runs in fp32.
             out = jax.nn.dot_product_attention(

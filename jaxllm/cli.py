@@ -26,6 +26,9 @@ EXAMPLES = {
     "jaxllm convert jaxllm-to-hf runs/gpt2_finetuned hf_models/gpt2_finetuned",
     "generate": 'jaxllm generate --workdir runs/tiny --prompt "The list type" strategy=sample '
     "temperature=0.8 top_k=40 max_new_tokens=40",
+    "plan": "jaxllm plan configs/gpt2_124m.yaml model.remat=full train.grad_accum=4 "
+    "--topology v5e-8",
+    "export": "jaxllm export --workdir runs/tiny --format stablehlo --out exports/tiny.stablehlo",
 }
 GENERATE_OPTIONS = {
     "strategy": str,
@@ -42,7 +45,9 @@ GENERATE_OPTIONS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxllm",
-        description="Train, evaluate and sample transformer language models (JAX/Flax).",
+        description="Train, fine-tune, evaluate, sample, compress, convert, export and plan "
+        "transformer language models (JAX/Flax, TPU-first). `jaxllm COMMAND --help` shows a "
+        "command's options and an example.",
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,8 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = add("generate", "Continue a prompt with a trained model (KV-cache decoding).")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--workdir", required=True, help="a trained workdir (jaxllm train ...)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="text to continue (lm), the source to translate, or the conversation so far "
+        "with turns separated by newlines (dialogue); classify prints the top labels",
+    )
     p.add_argument(
         "options",
         nargs="*",
@@ -110,13 +120,82 @@ def _parser() -> argparse.ArgumentParser:
         "Convert checkpoints: a Hugging Face folder (safetensors; GPT-2, Llama, Mistral, "
         "Qwen2) into a jaxllm workdir, or a workdir back into a Hugging Face folder.",
     )
-    p.add_argument("direction", choices=("hf-to-jaxllm", "jaxllm-to-hf"))
+    p.add_argument(
+        "direction",
+        choices=("hf-to-jaxllm", "jaxllm-to-hf"),
+        help="hf-to-jaxllm: Hugging Face folder -> workdir; jaxllm-to-hf: the reverse",
+    )
     p.add_argument("src", help="HF folder (hf-to-jaxllm) or jaxllm workdir (jaxllm-to-hf)")
     p.add_argument("dst", help="new jaxllm workdir or HF folder")
     p.add_argument(
         "overrides", nargs="*", help="hf-to-jaxllm: config overrides for the workdir (mesh.fsdp=8)"
     )
+    p = add(
+        "plan",
+        "Compile the train step ahead of time for a TPU slice (or this machine's CPU) "
+        "without allocating anything: parameters, memory per chip against HBM, FLOPs per "
+        "step, and XLA's cost-model step time and implied MFU (estimates, not "
+        "measurements). Exits with an error naming the overflow if the step won't fit.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/gpt2_124m.yaml")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=8 model.remat=full"
+    )
+    p.add_argument(
+        "--topology",
+        default="cpu",
+        help="v4-8 ... v4-1024, v5e-1 ... v5e-256, v5p-8 ... v5p-1024, v6e-1 ... v6e-256 "
+        "(v4/v5p count TensorCores, 2 per chip; v5e/v6e count chips) or cpu (default)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument(
+        "--no-fixes",
+        action="store_true",
+        help="when the step won't fit, skip compiling the candidate fixes (faster)",
+    )
+    p = add(
+        "export",
+        "Export a workdir's forward pass (tokens -> logits, parameters baked in) as "
+        "serialised StableHLO (jax.export) or ONNX (jax2onnx), with a PATH.json manifest.",
+    )
+    p.add_argument("--workdir", required=True, help="a trained, converted or compressed workdir")
+    p.add_argument("--format", required=True, help="stablehlo or onnx")
+    p.add_argument("--out", required=True, help="artifact path (PATH.json is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxllm.export import export_workdir
+
+    manifest = export_workdir(args.workdir, args.format, args.out, overwrite=args.overwrite)
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "manifest": args.out + ".json",
+                **{k: manifest[k] for k in ("format", "step", "bytes", "inputs", "outputs")},
+            }
+        )
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from jaxllm import plan
+
+    plan.use_cpu_backend()
+    from jaxllm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = plan.plan(cfg, args.topology, check_fixes=not args.no_fixes)
+    print(json.dumps(report, indent=2) if args.json else plan.format_report(report))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    plan.check_fits(report)
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -316,6 +395,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "compress": cmd_compress,
     "convert": cmd_convert,
+    "plan": cmd_plan,
+    "export": cmd_export,
 }
 
 

@@ -52,6 +52,10 @@ class ModelConfig:
     dropout: float = 0.0
     attention: str = field(default="global", metadata=_choices("global", "local", "alternating"))
     window: int = 128  # sliding-window size for local layers
+    # Attention core in training/eval forwards: "dense" ([T, T] scores per device) or
+    # "ring" (jaxllm.ring_attention: the sequence split over the mesh axis that
+    # mesh.rules.length names, K/V blocks passed around that axis; decoding stays dense).
+    attention_impl: str = field(default="dense", metadata=_choices("dense", "ring"))
     rope_theta: float = 10000.0
     # RoPE context extension (as Hugging Face `rope_scaling`): "linear" divides the
     # positions by rope_factor; "llama3" rescales the low frequencies (Llama 3.1).
@@ -143,7 +147,16 @@ class TrainConfig:
     class_weights: str | list[float] = "none"
     focal_gamma: float = 0.0  # classify: focal loss (Lin et al. 2017) exponent; 0 = off
     max_nonfinite_steps: int = 20  # stop after this many NaN/Inf steps in a row
+    # Token losses: "plain" (the model's full logits, jit-partitioned) or "vocab_parallel"
+    # (jaxllm.vocab_parallel: head + loss in one shard_map over the vocab axis, so only
+    # [tokens, vocab / tensor] logits exist per device; needs a vocab mesh axis > 1).
+    loss_impl: str = field(default="plain", metadata=_choices("plain", "vocab_parallel"))
     preflight_disk: bool = True  # refuse to start if the disk cannot hold two checkpoints
+    # TensorBoard: weight histograms, per-kernel sparsity and quantisation-scale ranges
+    # every N steps (and at the last step); 0 = off (each one copies the params to host).
+    histogram_every: int = 0
+    profile_start: int = 2  # first step of the jax.profiler trace (after the compile)
+    profile_steps: int = 0  # steps traced into WORKDIR/profile/; 0 = no trace
 
 
 @dataclass
@@ -478,11 +491,19 @@ def _validate_task(cfg: Config) -> None:
         raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if t.focal_gamma < 0:
         raise UserError(f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    for key in ("histogram_every", "profile_start", "profile_steps"):
+        if getattr(t, key) < 0:
+            raise UserError(f"config key 'train.{key}' must be >= 0, got {getattr(t, key)}")
     weights = t.class_weights
     if isinstance(weights, str) and weights not in ("none", "balanced"):
         raise UserError(
             f"train.class_weights is {weights!r}; use none, balanced or a list of one "
             "weight per class"
+        )
+    if cfg.task == "classify" and t.loss_impl != "plain":
+        raise UserError(
+            f"train.loss_impl={t.loss_impl} applies to token losses (lm, translate, "
+            "dialogue), not task=classify; use train.loss_impl=plain"
         )
     if cfg.task == "classify":
         if m.num_classes <= 0:
@@ -556,6 +577,40 @@ def _validate_quant(m: ModelConfig) -> None:
         )
 
 
+# A whole table: a dotted override (mesh.rules.length=fsdp) replaces the table, not a key.
+_RING_RULES = "{batch: data, length: fsdp, mlp: tensor, heads: tensor, vocab: tensor}"
+
+
+def _validate_ring(cfg: Config) -> None:
+    """model.attention_impl=ring needs a sequence axis: mesh.rules.length names one mesh axis.
+
+    jaxllm borrows an existing mesh axis for the sequence rather than adding a fourth;
+    it must not also split the batch or the heads (Flax gives a mesh axis to the first
+    logical axis that claims it, which would leave the sequence unsplit).
+    """
+    if cfg.model.attention_impl != "ring":
+        return
+    if cfg.privacy.dp:
+        raise UserError(
+            "model.attention_impl=ring does not combine with privacy.dp (per-example "
+            "gradients vmap the model); use model.attention_impl=dense"
+        )
+    rules = cfg.mesh.rules
+    ring = rules.get("length")
+    if not isinstance(ring, str):
+        raise UserError(
+            f"model.attention_impl=ring needs mesh.rules.length to name one mesh axis "
+            f"(got {ring!r}), e.g. mesh.rules='{_RING_RULES}'"
+        )
+    for other in ("batch", "heads"):
+        target = rules.get(other)
+        if ring == target or (isinstance(target, list) and ring in target):
+            raise UserError(
+                f"mesh.rules.length={ring} is also used by mesh.rules.{other}={target}; "
+                f"ring attention needs its own axis, e.g. mesh.rules='{_RING_RULES}'"
+            )
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that single-key types cannot express."""
     m, t = cfg.model, cfg.train
@@ -604,6 +659,7 @@ def validate(cfg: Config) -> Config:
     validate_robustness(cfg)
     if len(cfg.optim.boundaries) != len(cfg.optim.factors):
         raise UserError("optim.boundaries and optim.factors must have the same length")
+    _validate_ring(cfg)
     for logical, target in cfg.mesh.rules.items():
         if logical not in LOGICAL_AXES:
             raise _unknown_key(f"mesh.rules.{logical}", list(LOGICAL_AXES))

@@ -8,6 +8,7 @@ never see devices and the mesh never sees a transform.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -32,8 +33,18 @@ def init_distributed(cfg: DistributedConfig) -> None:
 
     On Cloud TPU, `jax.distributed.initialize()` needs no arguments; on CPU/GPU the
     coordinator address, process count and id come from the config (or the launcher).
+    `distributed.num_processes=-1` ("ask the cluster"; also any count > 1 with no
+    coordinator) calls it without arguments: JAX reads the cluster's own variables
+    (Cloud TPU metadata, SLURM inside `srun`, Open MPI). launch/tpu_vm.sh and
+    launch/slurm.sbatch pass -1. A multi-host TPU slice computes without it, but Orbax
+    needs the distributed client to save checkpoints from several processes.
     """
-    if cfg.num_processes <= 1 and not cfg.coordinator:
+    if cfg.num_processes == 0 or cfg.num_processes < -1:
+        raise UserError(
+            f"distributed.num_processes={cfg.num_processes} is invalid; use the process "
+            "count, or -1 to take it from the cluster (Cloud TPU, SLURM, Open MPI)"
+        )
+    if cfg.num_processes == 1 and not cfg.coordinator:
         return
     if jax.distributed.is_initialized():
         return
@@ -41,8 +52,11 @@ def init_distributed(cfg: DistributedConfig) -> None:
         jax.distributed.initialize()
         return
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    auto = cfg.num_processes == -1  # count and rank from the cluster, coordinator given
     jax.distributed.initialize(
-        cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id
+        cfg.coordinator,
+        num_processes=None if auto else cfg.num_processes,
+        process_id=None if auto else cfg.process_id,
     )
 
 
@@ -142,15 +156,29 @@ def opt_state_shardings(
         # optax.multi_transform (jaxllm.finetune) builds its state from the parameters'
         # labels, which tree_map_params's placeholder parameters cannot stand in for.
         return _opt_shardings_by_path(opt_shapes, params_shapes, param_shardings, replicated)
-    return optax.tree_map_params(
-        tx,
-        pick,
-        opt_shapes,
-        params_shapes,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
+    with _eager_host_context(mesh):
+        return optax.tree_map_params(
+            tx,
+            pick,
+            opt_shapes,
+            params_shapes,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        )
+
+
+def _eager_host_context(mesh: Mesh) -> Any:
+    """Where eager ops run while `mesh` is the ambient mesh.
+
+    tree_map_params calls `tx.init` eagerly on placeholder parameters (its step counters
+    are real arrays). A mesh of compile-only devices (a TPU topology compiled ahead of
+    time by `jaxllm plan`) cannot run them, so they run on a host CPU device instead.
+    """
+    client = mesh.devices.flat[0].client
+    if "CompileOnly" not in type(client).__name__:
+        return contextlib.nullcontext()
+    return jax.set_mesh(Mesh(np.asarray(jax.local_devices(backend="cpu")[:1]), ("host",)))
 
 
 def _has_partition(opt_state: Any) -> bool:

@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jaxllm import adversarial, finetune, lora, precision, privacy, sharding, tasks
+from jaxllm import adversarial, finetune, lora, precision, privacy, sharding, tasks, vocab_parallel
 from jaxllm.config import Config
 from jaxllm.errors import UserError
 from jaxllm.tasks import model_kwargs
@@ -79,6 +79,9 @@ class CompiledSteps:
     init_opt: Callable[[Any], Any] | None = None
     # finetune.param_labels of the parameters ("train" / "frozen"); None = all train.
     labels: Any = None
+    # (abstract state, abstract batch) -> jax.stages.Lowered of the train step, for AOT
+    # compilation without devices (`jaxllm plan`); None when a teacher is attached.
+    lower_train: Callable[[Any, dict], Any] | None = None
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -114,6 +117,11 @@ def make_loss_fn(
         raise UserError(
             "adversarial training does not combine with distillation; set adversarial.method=none"
         )
+    if teacher is not None and cfg.train.loss_impl != "plain":
+        raise UserError(
+            "train.loss_impl=vocab_parallel does not combine with distillation (its loss "
+            "reads the full logits); set train.loss_impl=plain"
+        )
     if teacher is not None:
         from jaxllm.compress.distill_step import make_distill_loss_fn
 
@@ -124,15 +132,30 @@ def make_loss_fn(
 
         def sums_at(p, perturbation=None):
             extra = {} if perturbation is None else {"embed_perturbation": perturbation}
-            logits = model.apply(
+            fused = _use_vocab_parallel(cfg)
+            out = model.apply(
                 {"params": p},
                 batch["inputs"],
                 deterministic=deterministic,
                 rngs={"dropout": rng},
+                return_hidden=fused,
                 **model_kwargs(batch),
                 **extra,
             )
-            return tasks.loss_sums(cfg.task, logits, batch, cfg.train, class_weights)
+            if fused:
+                # The model's own logits are unused here, so XLA drops them: only the
+                # shard_map's [tokens, vocab / n] slice exists per device.
+                return vocab_parallel.vocab_parallel_lm_sums(
+                    out[1],
+                    vocab_parallel.head_of(p, cfg.model.tied),
+                    batch["targets"],
+                    batch["weights"],
+                    tied=cfg.model.tied,
+                    z_loss=cfg.train.z_loss,
+                    label_smoothing=cfg.train.label_smoothing,
+                    dtype=model.dtype,
+                )
+            return tasks.loss_sums(cfg.task, out, batch, cfg.train, class_weights)
 
         if cfg.adversarial.method == "none":
             sums = sums_at(params)
@@ -143,6 +166,20 @@ def make_loss_fn(
         return sums["loss_sum"] / total_weight, sums
 
     return _finetuned(loss_fn, cfg)
+
+
+def _use_vocab_parallel(cfg: Config) -> bool:
+    """train.loss_impl=vocab_parallel, and the mesh in context splits the vocab (> 1 way).
+
+    On one vocab shard (a single device, or mesh.tensor=1) the fused loss would only
+    add collectives over one device, so the plain loss runs: same numbers.
+    """
+    if cfg.train.loss_impl != "vocab_parallel":
+        return False
+    vocab_axes = nn.logical_to_mesh_axes(("vocab",))[0]
+    names = () if vocab_axes is None else vocab_axes
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return vocab_parallel.vocab_axis_size(jax.sharding.get_abstract_mesh(), names) > 1
 
 
 def _finetuned(loss_fn: Callable, cfg: Config) -> Callable:
@@ -424,4 +461,5 @@ def compile_steps(
         abstract_state=abstract,
         init_opt=in_context(init_opt_jit),
         labels=labels,
+        lower_train=in_context(train_jit.lower) if teacher is None else None,
     )

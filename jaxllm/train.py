@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from jaxllm import data, finetune, flops, guards, optim, privacy, sharding, tasks, transfer
 from jaxllm.checkpoint import Checkpointer
-from jaxllm.config import Config, save_config
+from jaxllm.config import Config, DistributedConfig, save_config
 from jaxllm.data.tokenizer import tokenizer_file_name
 from jaxllm.errors import UserError
 from jaxllm.evaluation import batch_iterator, evaluate
-from jaxllm.logger import MetricsLogger
+from jaxllm.logger import MetricsLogger, StepProfiler
 from jaxllm.model import build_model
 from jaxllm.precision import get_policy
 from jaxllm.step import CompiledSteps, StepHooks, compile_steps
@@ -185,7 +185,11 @@ def _log_record(cfg: Config, metrics: Any, throughput: _Throughput) -> dict[str,
 
 def _prepare_workdir(cfg: Config, session: Session, workdir: str) -> None:
     if jax.process_index() == 0:
-        save_config(cfg, os.path.join(workdir, "config.yaml"))
+        # distributed.* describe one launch (a coordinator port, this process's id), not
+        # the experiment: kept, they would make `jaxllm eval/generate` on the workdir
+        # wait for a coordinator that is gone. A rerun gets them from its launcher again.
+        saved = dataclasses.replace(cfg, distributed=DistributedConfig())
+        save_config(saved, os.path.join(workdir, "config.yaml"))
         if session.privacy is not None:
             session.privacy.save(workdir)
         # The workdir carries its tokenizer, so eval/generate never depend on the data cache.
@@ -241,6 +245,7 @@ def train(
         extras = hooks.batch_extras(session)
 
     logger = MetricsLogger(workdir, tensorboard=tc.tensorboard)
+    profiler = StepProfiler(workdir, tc.profile_start, tc.profile_steps)
     throughput = _Throughput(cfg)
     bar = tqdm(
         total=tc.steps,
@@ -251,14 +256,22 @@ def train(
     summary: dict[str, Any] = {"start_step": start, "preempted": False}
     first_loss, previous = None, None
     done = start
-    with guards.PreemptionWatcher() as preemption, _finish_saves_on_error(ckpt, logger):
+    with (
+        guards.PreemptionWatcher() as preemption,
+        _finish_saves_on_error(ckpt, logger),
+        profiler,  # a trace still open when the loop ends (or fails) is closed
+    ):
         for step in range(start, tc.steps):
             host = next(it)
             if extras is not None:
                 host = {**host, **extras(step, host)}
             batch = sharding.make_global_batch(host, cs.mesh, cs.rules)
+            if step == start:
+                _compile_together(cs, state, batch)
+            profiler.before_step(step)
             state, metrics = cs.train(state, batch)
             done = step + 1
+            profiler.after_step(done, metrics)
             throughput.step_done(metrics)
             bar.update(1)
             if previous is not None:  # one step late: the device keeps working meanwhile
@@ -279,6 +292,8 @@ def train(
                     loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}"
                 )
                 summary.update(record)
+            if tc.histogram_every and (done % tc.histogram_every == 0 or done == tc.steps):
+                logger.write_params(done, state.params, cfg.model)
             if ckpt is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 ckpt.save(done, state, it.get_state())
             if preemption.requested:
@@ -317,6 +332,22 @@ def train(
     if "details" in full_eval:
         summary["eval_details"] = full_eval["details"]
     return summary
+
+
+def _compile_together(cs: CompiledSteps, state: Any, batch: dict) -> None:
+    """Several processes: compiles the train step, then waits until every process has.
+
+    XLA:CPU's gloo collectives give the other processes 30 s to join the first
+    collective of a device group ("Gloo context initialization failed: ... timed
+    out"); one process compiling that much slower (a loaded machine) made multi-process
+    CPU runs fail or hang. The compiled step is cached, so the first call reuses it.
+    """
+    if jax.process_count() == 1 or cs.lower_train is None:
+        return
+    cs.lower_train(state, batch).compile()
+    from jax._src import distributed  # the coordination service's barrier (no collective)
+
+    distributed.global_state.client.wait_at_barrier("jaxllm_train_compiled", 600_000)
 
 
 def _scalars(result: dict[str, Any]) -> dict[str, float]:
