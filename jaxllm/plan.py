@@ -18,7 +18,9 @@ count a loop body once, so scanned layers (`model.scan_layers`) and gradient
 accumulation (a scan over micro-batches) make it undercount by up to L x grad_accum
 (the analytic 6N + attention count is printed beside it for that reason); and on a
 compile-only client it returns a negative ``optimal_seconds``, which means "no
-estimate": step time and MFU are then reported as n/a rather than guessed.
+estimate", for jaxllm's train step: any collective is enough (a data-parallel gradient
+all-reduce of one matmul: -1.0), and so is the model's forward alone on one chip, also
+with libtpu 0.0.52. Step time and MFU are then reported as n/a rather than guessed.
 
 When the step does not fit, the plan says by how much and compiles a few standard
 fixes (FSDP over every chip, full remat, more gradient accumulation) to say which
