@@ -17,10 +17,16 @@ Two limits of the cost model, seen with jax 0.10.2 and libtpu 0.0.42: its ``flop
 count a loop body once, so scanned layers (`model.scan_layers`) and gradient
 accumulation (a scan over micro-batches) make it undercount by up to L x grad_accum
 (the analytic 6N + attention count is printed beside it for that reason); and on a
-compile-only client it returns a negative ``optimal_seconds``, which means "no
-estimate", for jaxllm's train step: any collective is enough (a data-parallel gradient
-all-reduce of one matmul: -1.0), and so is the model's forward alone on one chip, also
-with libtpu 0.0.52. Step time and MFU are then reported as n/a rather than guessed.
+compile-only client it returns a negative ``optimal_seconds`` ("no estimate") for any
+program with sliced prefetches (async ``slice-start``/``slice-done`` pairs that memory
+space assignment adds; jaxllm's train step has them, also with libtpu 0.0.52).
+
+So the step time comes from separate compiles made for the estimate alone
+(:func:`step_time_estimate`), on the same slice and mesh, collectives included, with
+sliced prefetch off (``xla_tpu_sliced_prefetch_max_slices=0``) and unrolled layers: the
+config itself when it has neither scanned layers nor accumulation, otherwise one
+micro-batch at 1 and 2 layers, extrapolated linearly in depth, times grad_accum. Memory
+figures always come from the real step as training compiles it.
 
 When the step does not fit, the plan says by how much and compiles a few standard
 fixes (FSDP over every chip, full remat, more gradient accumulation) to say which
@@ -220,8 +226,20 @@ def _first(cost: Any) -> dict:
     return dict(cost or {})
 
 
-def compile_memory(cfg: Config, topo: Topology, devices: list[Any]) -> dict[str, Any]:
+# XLA's cost model returns no step time for sliced prefetches (see the module docstring).
+ESTIMATE_COMPILER_OPTIONS = {"xla_tpu_sliced_prefetch_max_slices": "0"}
+
+
+def compile_memory(
+    cfg: Config, topo: Topology, devices: list[Any], compiler_options: dict | None = None
+) -> dict[str, Any]:
     """AOT-compiles the train step of `cfg` on `devices`; memory and cost per chip.
+
+    Args:
+        cfg: the config whose train step is compiled.
+        topo: the slice (for messages).
+        devices: its devices (abstract TPU devices or local CPU ones).
+        compiler_options: XLA options for this compile only (the step-time estimate's).
 
     Returns:
         A dict: mesh sizes, parameter count and bytes, memory_analysis fields (bytes per
@@ -255,7 +273,7 @@ def compile_memory(cfg: Config, topo: Topology, devices: list[Any]) -> dict[str,
     cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options or None)
         common["compile_seconds"] = time.perf_counter() - start - common["lower_seconds"]
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -331,6 +349,51 @@ def _with(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(to_dict(cfg), overrides)
 
 
+def step_time_estimate(cfg: Config, topo: Topology, devices: list[Any]) -> dict[str, Any]:
+    """XLA's cost-model time for one train step of `cfg` on the slice (not a measurement).
+
+    The cost model counts a loop body once, so scanned layers and gradient accumulation
+    are estimated from one micro-batch of an unrolled model at 1 and 2 layers on the same
+    mesh: t(L) = t(1) + (L - 1) * (t(2) - t(1)), times grad_accum (this counts the
+    optimizer update and the gradient reduction once per micro-batch, a little high).
+
+    Returns:
+        ``step_seconds`` (None, with a ``reason``, when no estimate can be made), the
+        ``method`` used and the compiled times it came from.
+    """
+    if topo.peak_flops is None:
+        return {"step_seconds": None, "reason": "no TPU cost model for CPU devices"}
+    accum = cfg.train.grad_accum
+    if not cfg.model.scan_layers and accum == 1:
+        seconds = compile_memory(cfg, topo, devices, ESTIMATE_COMPILER_OPTIONS)[
+            "cost_optimal_seconds"
+        ]
+        reason = None if seconds else "XLA's cost model gave no estimate"
+        return {"step_seconds": seconds, "method": "the step itself", "reason": reason}
+    micro = ["train.grad_accum=1", f"train.batch_size={cfg.train.batch_size // accum}",
+             "model.scan_layers=false"]  # fmt: skip
+    times = []
+    for layers in (1, 2):
+        try:
+            small = _with(cfg, [*micro, f"model.n_layers={layers}"])
+            seconds = compile_memory(small, topo, devices, ESTIMATE_COMPILER_OPTIONS)[
+                "cost_optimal_seconds"
+            ]
+        except UserError as e:  # a config that cannot be cut to 1 or 2 layers
+            return {"step_seconds": None, "reason": str(e)}
+        if not seconds:
+            return {"step_seconds": None, "reason": "XLA's cost model gave no estimate"}
+        times.append(seconds)
+    micro_seconds = times[0] + (cfg.model.n_layers - 1) * (times[1] - times[0])
+    return {
+        "step_seconds": accum * micro_seconds,
+        "method": f"one micro-batch at 1 and 2 unrolled layers, x{accum} micro-batches",
+        "seconds_1_layer": times[0],
+        "seconds_2_layers": times[1],
+        "reason": None,
+    }
+
+
 def candidate_fixes(cfg: Config, n_devices: int) -> list[list[str]]:
     """Standard ways to cut memory per chip that `cfg` does not already use.
 
@@ -372,7 +435,13 @@ def plan(cfg: Config, topology: str, check_fixes: bool = True) -> dict[str, Any]
     tokens = cfg.train.batch_size * cfg.data.seq_len
     per_token = flops.train_flops_per_token(cfg.model, cfg.data.seq_len)
     analytic = per_token * tokens
-    seconds = result["cost_optimal_seconds"]
+    fits = result["compile_error"] is None and mem["total"] <= topo.hbm_bytes
+    estimate = (
+        step_time_estimate(cfg, topo, devices)
+        if fits
+        else {"step_seconds": None, "reason": "the step does not fit"}
+    )
+    seconds = estimate["step_seconds"]
     mfu = None
     if topo.peak_flops and seconds:
         mfu = analytic / (topo.chips * topo.peak_flops * seconds)
@@ -394,7 +463,7 @@ def plan(cfg: Config, topology: str, check_fixes: bool = True) -> dict[str, Any]
         "memory_per_chip_bytes": mem,
         "capacity_per_chip_bytes": int(topo.hbm_bytes),
         "memory_used_fraction": mem["total"] / topo.hbm_bytes,
-        "fits": result["compile_error"] is None and mem["total"] <= topo.hbm_bytes,
+        "fits": fits,
         # XLA's own refusal (out of memory), when it would not compile the step at all.
         "compile_error": result["compile_error"],
         # XLA's count of the per-chip program, times the chips: comparable with 6N+attn
@@ -407,13 +476,15 @@ def plan(cfg: Config, topology: str, check_fixes: bool = True) -> dict[str, Any]
         "peak_flops_per_chip": topo.peak_flops,
         "step_seconds_cost_model": seconds,
         "implied_mfu_cost_model": mfu,
-        # <= 0: XLA made no estimate (step time and MFU are then None).
+        "step_estimate": estimate,
+        # The real step's own figure; <= 0 (no estimate) when it has sliced prefetches.
         "optimal_seconds_raw": result["cost_optimal_seconds_raw"],
         "lower_seconds": result.get("lower_seconds"),
         "compile_seconds": result.get("compile_seconds"),
         "note": (
-            "step time and MFU are XLA's cost-model estimates, not measurements (n/a when "
-            "XLA gives none); cost-model FLOPs count a scanned loop body once"
+            "step time and MFU are XLA's cost-model estimates (compiled with sliced "
+            "prefetch off; scanned layers and accumulation extrapolated from 1 and 2 "
+            "unrolled layers), not measurements; cost-model FLOPs count a loop body once"
         ),
     }
     if not report["fits"] and check_fixes:

@@ -174,10 +174,20 @@ def _tfds_records(cfg: DataConfig, source: SourceSpec, split: str, task: str) ->
                 f"{task} source such as {_EXAMPLE[task]}"
             )
         tfds_dir = os.path.join(root, "tfds")
-        builder = cls(config=source.config, data_dir=tfds_dir, file_format="array_record")
+
+        def make_builder():
+            return cls(config=source.config, data_dir=tfds_dir, file_format="array_record")
     else:
-        builder = tfds_source.tfds_builder(source.name, source.config, _tfds_dir(cfg))
+
+        def make_builder():
+            return tfds_source.tfds_builder(source.name, source.config, _tfds_dir(cfg))
+
+        make_builder()  # an unknown dataset or config fails here, before the lock
     with file_lock(os.path.join(root, "locks", f"{source.slug}.lock")):
+        # Built under the lock: a builder made while another process was still preparing
+        # the dataset read its info without splits, and TFDS never reloads it (CI saw
+        # "splits is empty" when two test workers prepared the same corpus at once).
+        builder = make_builder()
         tfds_source.prepare(builder)
     available = SPLITS if source.kind == "embedded" else list(builder.info.splits)
     _check_split(split, available, where, "; set data.train_split / data.eval_split")
