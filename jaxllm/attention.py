@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm import attention_core
 from jaxllm.config import ModelConfig
 
 # A window this large never masks anything: used for "global" layers so that local
@@ -258,16 +259,24 @@ class Attention(nn.Module):
             out = ring_attention.ring_attention(
                 q, k, v, positions, segment_ids, prefix_mask, window, spec=ring
             )
-        elif q.dtype == jnp.float16 and jax.default_backend() == "cpu":
-            # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
-            # so on CPU (tests, laptops) the attention core runs in fp32.
-            out = jax.nn.dot_product_attention(
-                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask
-            ).astype(q.dtype)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = self._core(q, k, v, mask, causal=prefix_mask is None and not self.decode)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out", cfg.out_biased)(out)
+
+    def _core(self, q, k, v, mask, causal: bool) -> jax.Array:
+        """The dense attention core (`model.attention_impl` dense or xla)."""
+        dtype = q.dtype
+        if dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
+            # so on CPU (tests, laptops) the attention core runs in fp32.
+            q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+        if self.cfg.attention_impl == "xla":
+            return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(dtype)
+        # Prefix-LM prefixes see later prefix keys, and a KV cache is not a causal array:
+        # only a causal full forward may skip the key blocks after each query block.
+        blocks = self.cfg.causal_blocks if causal else 1
+        return attention_core.dense_attention(q, k, v, mask, causal_blocks=blocks).astype(dtype)
 
     def _update_cache(self, k, v, positions, segment_ids, prefix_mask, window):
         """Writes new keys/values at `cache_index`; returns the whole cache and its mask.

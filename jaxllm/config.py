@@ -52,10 +52,14 @@ class ModelConfig:
     dropout: float = 0.0
     attention: str = field(default="global", metadata=_choices("global", "local", "alternating"))
     window: int = 128  # sliding-window size for local layers
-    # Attention core in training/eval forwards: "dense" ([T, T] scores per device) or
-    # "ring" (jaxllm.ring_attention: the sequence split over the mesh axis that
-    # mesh.rules.length names, K/V blocks passed around that axis; decoding stays dense).
-    attention_impl: str = field(default="dense", metadata=_choices("dense", "ring"))
+    # Attention core in training/eval forwards: "dense" (jaxllm.attention_core: [T, T]
+    # scores per device, heads-major, causal blocks), "ring" (jaxllm.ring_attention: the
+    # sequence split over the mesh axis that mesh.rules.length names, K/V blocks passed
+    # around that axis; decoding stays dense) or "xla" (jax.nn.dot_product_attention).
+    attention_impl: str = field(default="dense", metadata=_choices("dense", "ring", "xla"))
+    # Dense causal attention splits the queries into this many blocks and block i skips
+    # the keys after it (all masked): (n + 1) / (2 n) of the score work. 1 = every score.
+    causal_blocks: int = 4
     rope_theta: float = 10000.0
     # RoPE context extension (as Hugging Face `rope_scaling`): "linear" divides the
     # positions by rope_factor; "llama3" rescales the low frequencies (Llama 3.1).
@@ -566,6 +570,10 @@ def _validate_finetune(f: FinetuneConfig) -> None:
 
 
 def _validate_quant(m: ModelConfig) -> None:
+    if m.causal_blocks < 1:
+        raise UserError(
+            f"model.causal_blocks must be >= 1 (1 = no skipping), got {m.causal_blocks}"
+        )
     if not 2 <= m.quant_weight_bits <= 8:
         raise UserError(f"model.quant_weight_bits must be in 2..8, got {m.quant_weight_bits}")
     if m.quant_group_size < 0:
