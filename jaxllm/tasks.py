@@ -56,12 +56,18 @@ def smoothed_cross_entropy(
     Returns:
       [...] float32 losses.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    safe = jnp.clip(labels, 0, logits.shape[-1] - 1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # The label's logit as a masked sum rather than a gather: the gather's gradient is a
+    # scatter into a zeroed [B, T, V] array, which on XLA:CPU cost more than the whole
+    # softmax (BENCHMARKS.md, "Where the time goes"); this gradient is one fused select.
+    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    picked = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
+    nll = log_z - picked  # out-of-range labels pick nothing; their weight must be 0
     if not label_smoothing:
         return nll
-    return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+    # -mean(log_softmax) = log Z - mean(logits)
+    return (1.0 - label_smoothing) * nll + label_smoothing * (log_z - jnp.mean(logits, axis=-1))
 
 
 def lm_loss_sums(

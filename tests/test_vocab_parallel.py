@@ -200,11 +200,14 @@ def test_train_step_with_vocab_parallel_equals_plain(flavour):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
     # Absolute, not relative: the key bias's true gradient is exactly 0 (a constant added
     # to every key's logit cancels in the softmax), so it holds round-off that Adam turns
-    # into ~7e-7 moves that differ between any two programs. Other leaves agree to ~4e-8.
+    # into ~1e-6 moves (of an lr of 1e-3) that differ between any two programs. Other
+    # leaves agree to ~4e-8.
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(p), jax.tree.leaves(ref_p), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
+        key_bias = "'key'" in str(path) and "'bias'" in str(path)
+        atol = 1e-5 if key_bias else 1e-6
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=str(path))
 
 
 def test_bad_settings_are_user_errors():
