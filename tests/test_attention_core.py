@@ -45,7 +45,7 @@ def test_causal_blocks_equal_xla_attention_on_packed_rows(heads, kv_heads):
         got = dense_attention(q, k, v, mask, causal_blocks=blocks)
         np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-6)
         grads = jax.grad(
-            lambda *a: loss(lambda *x: dense_attention(*x, mask, causal_blocks=blocks), *a),
+            lambda *a, n=blocks: loss(lambda *x: dense_attention(*x, mask, causal_blocks=n), *a),
             (0, 1, 2),
         )(q, k, v)
         for g, w in zip(grads, want_grads, strict=True):
