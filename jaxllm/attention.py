@@ -265,14 +265,12 @@ class Attention(nn.Module):
         return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out", cfg.out_biased)(out)
 
     def _core(self, q, k, v, mask, causal: bool) -> jax.Array:
-        """The dense attention core (`model.attention_impl` dense or xla)."""
+        """The dense attention core (`model.attention_impl=dense`, and decoding)."""
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
             # so on CPU (tests, laptops) the attention core runs in fp32.
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-        if self.cfg.attention_impl == "xla":
-            return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(dtype)
         # Prefix-LM prefixes see later prefix keys, and a KV cache is not a causal array:
         # only a causal full forward may skip the key blocks after each query block.
         blocks = self.cfg.causal_blocks if causal else 1

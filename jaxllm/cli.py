@@ -29,6 +29,8 @@ EXAMPLES = {
     "plan": "jaxllm plan configs/gpt2_124m.yaml model.remat=full train.grad_accum=4 "
     "--topology v5e-8",
     "export": "jaxllm export --workdir runs/tiny --format stablehlo --out exports/tiny.stablehlo",
+    "bench": "jaxllm bench decode --configs tiny --batches 1,16\n  "
+    "jaxllm bench train --configs gpt15m --skip-hf",
 }
 GENERATE_OPTIONS = {
     "strategy": str,
@@ -45,8 +47,9 @@ GENERATE_OPTIONS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxllm",
-        description="Train, fine-tune, evaluate, sample, compress, convert, export and plan "
-        "transformer language models (JAX/Flax, TPU-first). `jaxllm COMMAND --help` shows a "
+        description="Train, fine-tune, evaluate, sample, compress, convert, export, plan and "
+        "benchmark transformer language models (JAX/Flax, TPU-first). `jaxllm COMMAND --help` "
+        "shows a "
         "command's options and an example.",
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -163,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="stablehlo or onnx")
     p.add_argument("--out", required=True, help="artifact path (PATH.json is written beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    from jaxllm.bench import BENCHMARKS, describe
+
+    p = add(
+        "bench",
+        "Run one of the benchmarks/ scripts of a source checkout; it prints one JSON object "
+        "on stdout (BENCHMARKS.md quotes them). `jaxllm bench NAME --help` lists a "
+        "benchmark's own options. Benchmarks:\n" + describe(),
+    )
+    p.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help="benchmark to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     return parser
 
 
@@ -180,6 +193,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from jaxllm.bench import run_benchmark
+
+    return run_benchmark(args.name, args.args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -397,6 +416,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "plan": cmd_plan,
     "export": cmd_export,
+    "bench": cmd_bench,
 }
 
 

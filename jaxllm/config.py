@@ -53,10 +53,10 @@ class ModelConfig:
     attention: str = field(default="global", metadata=_choices("global", "local", "alternating"))
     window: int = 128  # sliding-window size for local layers
     # Attention core in training/eval forwards: "dense" (jaxllm.attention_core: [T, T]
-    # scores per device, heads-major, causal blocks), "ring" (jaxllm.ring_attention: the
+    # scores per device, in causal query blocks) or "ring" (jaxllm.ring_attention: the
     # sequence split over the mesh axis that mesh.rules.length names, K/V blocks passed
-    # around that axis; decoding stays dense) or "xla" (jax.nn.dot_product_attention).
-    attention_impl: str = field(default="dense", metadata=_choices("dense", "ring", "xla"))
+    # around that axis; decoding stays dense).
+    attention_impl: str = field(default="dense", metadata=_choices("dense", "ring"))
     # Dense causal attention splits the queries into this many blocks and block i skips
     # the keys after it (all masked): (n + 1) / (2 n) of the score work. 1 = every score.
     causal_blocks: int = 4

@@ -16,8 +16,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_benchmark(script: str, *args: str) -> dict:
-    """Runs ``benchmarks/<script>`` with `args` on one CPU device; returns its JSON."""
+def _run_benchmark(name: str, *args: str) -> dict:
+    """Runs ``jaxllm bench <name>`` with `args` on one CPU device; returns its JSON."""
     env = dict(os.environ)
     # conftest.py asks for 8 fake CPU devices; a benchmark measures one real device.
     flags = env.get("XLA_FLAGS", "").split()
@@ -26,7 +26,7 @@ def _run_benchmark(script: str, *args: str) -> dict:
     )
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+        [sys.executable, "-m", "jaxllm.cli", "bench", name, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -38,7 +38,7 @@ def _run_benchmark(script: str, *args: str) -> dict:
 
 
 def test_decode_throughput_quick():
-    out = _run_benchmark("decode_throughput.py", "--quick")
+    out = _run_benchmark("decode", "--quick")
     assert out["jax_devices"] == ["cpu:0"]
     assert out["machine"]["cores"] >= 1 and out["machine"]["cpu"]
     assert len(out["machine"]["load_average_start"]) == 3
@@ -121,3 +121,20 @@ def test_decode_args_reject_unknown_config_and_zero_batch():
     for bad in (["--configs", "gpt3"], ["--batches", "1,0"], ["--new-tokens", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_bench_rejects_unknown_names_and_lists_the_benchmarks():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm.cli", "bench", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice: 'nope'" in proc.stderr and "'decode'" in proc.stderr
+    from jaxllm.bench import BENCHMARKS, benchmarks_dir
+
+    # Every listed benchmark is a script of this checkout.
+    for script, _ in BENCHMARKS.values():
+        assert os.path.isfile(os.path.join(benchmarks_dir(), script)), script
