@@ -260,17 +260,22 @@ class Attention(nn.Module):
                 q, k, v, positions, segment_ids, prefix_mask, window, spec=ring
             )
         else:
-            out = self._core(q, k, v, mask, causal=prefix_mask is None and not self.decode)
+            out = self._core(q, k, v, mask, causal=prefix_mask is None, cached=self.decode)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return self._dense((cfg.d_model,), ("heads", "kv"), ("embed",), "out", cfg.out_biased)(out)
 
-    def _core(self, q, k, v, mask, causal: bool) -> jax.Array:
-        """The dense attention core (`model.attention_impl=dense`, and decoding)."""
+    def _core(self, q, k, v, mask, causal: bool, cached: bool) -> jax.Array:
+        """The dense attention core (`model.attention_impl=dense`, and decoding).
+
+        With `cached`, k and v are the heads-major cache `[B, K, S, H]`.
+        """
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             # XLA:CPU has no fp16 x fp16 -> fp32 dot; fp16 exists for GPUs without bf16,
             # so on CPU (tests, laptops) the attention core runs in fp32.
             q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+        if cached:
+            return attention_core.cached_attention(q, k, v, mask).astype(dtype)
         # Prefix-LM prefixes see later prefix keys, and a KV cache is not a causal array:
         # only a causal full forward may skip the key blocks after each query block.
         blocks = self.cfg.causal_blocks if causal else 1
@@ -293,30 +298,38 @@ class Attention(nn.Module):
           window: sliding-window size of this layer.
 
         Returns:
-          The cached keys and values [B, L, kv_heads, dim] and the mask [B, 1, T, L].
+          The cached keys and values [B, kv_heads, L, dim] and the mask [B, 1, T, L].
         """
         batch, length = k.shape[:2]
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
+        # Keys and values are cached heads-major, [B, K, L, H]: see cached_attention.
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         is_initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        cached_prefix = self.variable("cache", "cached_prefix", jnp.zeros, k.shape[:2], jnp.bool_)
+        cached_prefix = self.variable(
+            "cache", "cached_prefix", jnp.zeros, (batch, k.shape[2]), jnp.bool_
+        )
         # Segment 0 marks both padding and slots not written yet: both stay masked, since
         # with true positions an unwritten slot (position 0) would pass the causal test.
-        cached_seg = self.variable("cache", "cached_segment", jnp.zeros, k.shape[:2], jnp.int32)
-        cached_pos = self.variable("cache", "cached_position", jnp.zeros, k.shape[:2], jnp.int32)
+        cached_seg = self.variable(
+            "cache", "cached_segment", jnp.zeros, (batch, k.shape[2]), jnp.int32
+        )
+        cached_pos = self.variable(
+            "cache", "cached_position", jnp.zeros, (batch, k.shape[2]), jnp.int32
+        )
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:  # model.init(decode=True) only allocates the cache
             return k, v, _self_mask(positions, segment_ids, prefix_mask, window)
         i = index.value
 
-        def write(cache, new):
-            start = (0, i) + (0,) * (new.ndim - 2)
+        def write(cache, new, axis=1):
+            start = tuple(i if a == axis else 0 for a in range(new.ndim))
             return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
 
-        cached_k.value = write(cached_k.value, k)
-        cached_v.value = write(cached_v.value, v)
+        cached_k.value = write(cached_k.value, k, axis=2)
+        cached_v.value = write(cached_v.value, v, axis=2)
         cached_seg.value = write(cached_seg.value, segment_ids)
         cached_pos.value = write(cached_pos.value, positions)
         if prefix_mask is not None:

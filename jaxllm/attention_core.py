@@ -66,3 +66,33 @@ def dense_attention(
             )
         )
     return jnp.concatenate(parts, axis=1)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of new queries over a heads-major KV cache (decoding).
+
+    The cache is stored `[B, K, S, H]` because the score and value dots batch over
+    (B, K): in the `[B, S, K, H]` layout XLA:CPU copied every layer's whole cache into
+    that order on every decode step, most of a step's time at 16 rows (BENCHMARKS.md).
+    Queries are few (one per row per step), so regrouping them costs nothing.
+
+    Args:
+      q: [B, T, N, H] queries of the new tokens.
+      k, v: [B, K, S, H] cached keys and values, K dividing N.
+      mask: [B, 1 or N, T, S] bool.
+
+    Returns:
+      [B, T, N, H] attention output in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kvh = k.shape[1]
+    g = n // kvh
+    qh = q.reshape(b, t, kvh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    logits = jnp.einsum("bkgth,bksh->bkgts", qh, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(h))
+    # [B, 1, T, S] broadcasts over every head; a per-head [B, N, T, S] splits as N = K x G.
+    mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(b, kvh, g, t, -1)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxllm.attention import attention_mask
-from jaxllm.attention_core import block_count, dense_attention
+from jaxllm.attention_core import block_count, cached_attention, dense_attention
 from jaxllm.config import ModelConfig, load_config
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
@@ -107,3 +107,18 @@ def test_model_logits_and_grads_equal_across_attention_impls(flavour, prefix):
 def test_causal_blocks_below_one_is_a_user_error():
     with pytest.raises(UserError, match="model.causal_blocks must be >= 1"):
         load_config("configs/lm_tiny.yaml", ["model.causal_blocks=0"])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_cached_attention_over_a_heads_major_cache_equals_xla_attention(heads, kv_heads):
+    rng = np.random.default_rng(3)
+    b, t, s, d = 3, 2, 24, 8  # two new tokens per row against a 24-slot cache
+    q = jnp.asarray(rng.standard_normal((b, t, heads, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kv_heads, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kv_heads, d)), jnp.float32)
+    kv_pos = jnp.arange(s)[None].repeat(b, 0)
+    q_pos = jnp.asarray([[10, 11], [17, 18], [22, 23]])
+    mask = attention_mask(q_pos, kv_pos)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    got = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)

@@ -138,3 +138,15 @@ def test_bench_rejects_unknown_names_and_lists_the_benchmarks():
     # Every listed benchmark is a script of this checkout.
     for script, _ in BENCHMARKS.values():
         assert os.path.isfile(os.path.join(benchmarks_dir(), script)), script
+
+
+def test_int8_gemm_probe_reports_both_dtypes():
+    out = _run_benchmark("int8", "--gemm-only", "--batch", "2", "--length", "32")
+    assert set(out["cpu_isa"]) >= {"avx2", "avx512_vnni", "avx_vnni"}
+    shapes = [row["m_k_n"] for row in out["gemm"]]
+    assert shapes == [[2048, 2048, 2048], [64, 192, 768], [64, 768, 192]]
+    for row in out["gemm"]:
+        assert row["fp32_gflops"] > 0 and row["int8_gops"] > 0
+        assert row["int8_over_fp32"] == pytest.approx(
+            row["int8_gops"] / row["fp32_gflops"], rel=0.05
+        )
