@@ -25,6 +25,38 @@ log = logging.getLogger(__name__)
 _IO_ERROR = re.compile(r"RESOURCE_EXHAUSTED|No space left|Permission denied|os_error_code")
 
 
+_whole_replicas_registered = False
+
+
+def _write_replicas_whole_in_one_process() -> None:
+    """Lets one process write each replicated array whole instead of in replica slices.
+
+    Orbax's default "replica-parallel" save splits every replicated array into one slice
+    per replica, each cut by its own small jitted op, so that several hosts share the
+    writing. Within a single process there is nobody to share with: with 8 (fake or
+    real) data-parallel devices it cut ~7,000 slices per save of a 366k-parameter model
+    and doubled the wall time of a 24-step `jaxllm train` on 2 CPU cores (21 s -> 11 s,
+    measured 2026-12-07). Multi-process runs keep orbax's default.
+    """
+    global _whole_replicas_registered
+    if _whole_replicas_registered or jax.process_count() != 1:
+        return
+    _whole_replicas_registered = True
+    # The same metadata store as orbax's default jax.Array handler (no public path to it).
+    from orbax.checkpoint._src.metadata import array_metadata_store
+
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+    )
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns of any override, even a wanted one
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.setLevel(level)
+
+
 def _reason(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
@@ -47,6 +79,7 @@ class Checkpointer:
                 f"cannot create checkpoint directory '{self.directory}' ({e.strerror}); "
                 "choose a writable --workdir"
             ) from e
+        _write_replicas_whole_in_one_process()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
