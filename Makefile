@@ -12,7 +12,7 @@ TPU_STAMP := $(VENV)/.tpu-$(DEPS_HASH)
 EXPORT_STAMP := $(VENV)/.export-$(DEPS_HASH)
 export JAX_PLATFORMS ?=
 
-.PHONY: demo test lint format bench install clean
+.PHONY: demo test test-fast test-durations lint format bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,21 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # Two xdist workers: much of the suite is single-threaded (XLA compiles, subprocess
-# runs, data preparation), so two processes keep both cores busy.
+# runs, data preparation), so two processes keep both cores busy. tests/conftest.py
+# orders the tests longest-first from tests/durations.json and groups the tests that
+# share a module fixture (a trained run); with --dist loadgroup its scheduler hands each
+# worker the next longest unit as it frees up (tests/schedule.py).
+XDIST := -n 2 --dist loadgroup
 test: $(DEV_STAMP) $(HF_STAMP) $(TPU_STAMP) $(EXPORT_STAMP) lint
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q $(XDIST) --durations=30
+
+# The inner loop: unit tests only (no end-to-end runs, which are marked slow).
+test-fast: $(DEV_STAMP) $(HF_STAMP) $(TPU_STAMP) $(EXPORT_STAMP) lint
+	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15
+
+# Refreshes tests/durations.json (commit it) after tests were added or got slower.
+test-durations: $(DEV_STAMP) $(HF_STAMP) $(TPU_STAMP) $(EXPORT_STAMP)
+	$(PY) -m pytest -q $(XDIST) --store-durations
 
 bench: $(HF_STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -22,13 +22,52 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import pytest  # noqa: E402
+from schedule import (  # noqa: E402
+    DurationRecorder,
+    UnitScheduling,
+    load_durations,
+    order_items,
+    write_units,
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help="write each test's seconds to tests/durations.json (the order of later runs)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest tests first, shared-fixture tests in one unit (see tests/schedule.py)."""
+    units = order_items(items, load_durations())
+    if hasattr(config, "workerinput") and os.environ.get("JAXLLM_TEST_UNITS"):
+        write_units(os.environ["JAXLLM_TEST_UNITS"], units)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: this suite's units, longest first (tests/schedule.py)."""
+    if config.getoption("dist") == "loadgroup":
+        config.option.loadscopereorder = False  # keep the longest-first order
+        return UnitScheduling(config, log, os.environ["JAXLLM_TEST_UNITS"])
+    return None
+
 
 def pytest_configure(config):
     """The controlling process names the file the fault counts go to (workers inherit it)."""
+    if config.getoption("--store-durations"):
+        config.pluginmanager.register(DurationRecorder(), "jaxllm-durations")
     if not hasattr(config, "workerinput"):
         fd, path = tempfile.mkstemp(prefix="jaxllm-faultlog-", suffix=".jsonl")
         os.close(fd)
         os.environ["JAXLLM_FAULTLOG"] = path
+        # Where the xdist workers tell the scheduler which tests form one unit.
+        fd, path = tempfile.mkstemp(prefix="jaxllm-test-units-", suffix=".json")
+        os.close(fd)
+        os.environ["JAXLLM_TEST_UNITS"] = path
 
 
 def pytest_terminal_summary(terminalreporter):

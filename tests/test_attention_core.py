@@ -32,22 +32,22 @@ def test_causal_blocks_equal_xla_attention_on_packed_rows(heads, kv_heads):
     v = jnp.asarray(rng.standard_normal((b, t, kv_heads, d)), jnp.float32)
     pos, seg = _packed_batch(b, t)
     mask = attention_mask(pos, pos, q_segment_ids=seg, kv_segment_ids=seg)
-    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
     real = np.asarray(seg) > 0  # a padding query sees no key: its output is arbitrary
 
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.where(real[..., None, None], fn(q, k, v), 0.0) ** 2)
+    def output_and_grads(fn):
+        # One compile per variant: run eagerly, every slice and its gradient compiled on
+        # its own (tens of seconds for these tiny shapes).
+        def loss(q, k, v):
+            return jnp.sum(jnp.where(real[..., None, None], fn(q, k, v), 0.0) ** 2)
 
-    want_grads = jax.grad(
-        lambda *a: loss(lambda *x: jax.nn.dot_product_attention(*x, mask=mask), *a), (0, 1, 2)
-    )(q, k, v)
+        return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)))(q, k, v)
+
+    want, want_grads = output_and_grads(lambda *x: jax.nn.dot_product_attention(*x, mask=mask))
     for blocks in (1, 2, 4, 8):
-        got = dense_attention(q, k, v, mask, causal_blocks=blocks)
+        got, grads = output_and_grads(
+            lambda *x, n=blocks: dense_attention(*x, mask, causal_blocks=n)
+        )
         np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-6)
-        grads = jax.grad(
-            lambda *a, n=blocks: loss(lambda *x: dense_attention(*x, mask, causal_blocks=n), *a),
-            (0, 1, 2),
-        )(q, k, v)
         for g, w in zip(grads, want_grads, strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
 

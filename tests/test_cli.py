@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -60,11 +61,34 @@ BAD_CONFIGS = {
 }
 
 
+def jaxllm_batch(*argvs, timeout=600):
+    """Runs each argument list through the CLI's main in one process (tests/cli_batch.py)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "cli_batch.py")],
+        input=json.dumps(argvs),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
+@pytest.fixture(scope="module")
+def bad_config_results(tmp_path_factory):
+    """Every BAD_CONFIGS command line, run in one process (one JAX start-up, not ten)."""
+    root = tmp_path_factory.mktemp("bad_configs")
+    argvs = [
+        ["train", "configs/lm_tiny.yaml", *overrides, "--workdir", str(root / case)]
+        for case, (overrides, _) in BAD_CONFIGS.items()
+    ]
+    return dict(zip(BAD_CONFIGS, jaxllm_batch(*argvs), strict=True))
+
+
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
-def test_bad_config_gives_one_line_error(case, tmp_path):
-    overrides, expected = BAD_CONFIGS[case]
-    proc = jaxllm("train", "configs/lm_tiny.yaml", *overrides, "--workdir", str(tmp_path / "w"))
-    _assert_one_line_error(proc, expected)
+def test_bad_config_gives_one_line_error(case, bad_config_results):
+    _assert_one_line_error(bad_config_results[case], BAD_CONFIGS[case][1])
 
 
 def _assert_one_line_error(proc, expected):
@@ -76,31 +100,25 @@ def _assert_one_line_error(proc, expected):
 
 
 def test_file_errors_are_one_line(tmp_path):
+    # One case in a process of its own, as a user runs it (exit status, stderr, no
+    # traceback from the interpreter); the others share one process.
     _assert_one_line_error(
         jaxllm("train", str(tmp_path / "nope.yaml"), "--workdir", str(tmp_path / "w")),
         "not found",
     )
     bad_yaml = _write(tmp_path / "bad.yaml", "model: [unclosed\n")
-    _assert_one_line_error(
-        jaxllm("train", bad_yaml, "--workdir", str(tmp_path / "w")), "is not valid YAML"
-    )
     not_mapping = _write(tmp_path / "list.yaml", "- 1\n- 2\n")
-    _assert_one_line_error(
-        jaxllm("train", not_mapping, "--workdir", str(tmp_path / "w")), "must hold a mapping"
-    )
-    _assert_one_line_error(jaxllm("eval", "--workdir", str(tmp_path / "none")), "no config.yaml")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
-    _assert_one_line_error(
-        jaxllm(
-            "train",
-            "configs/lm_tiny.yaml",
-            f"data.source={latin1}",
-            "--workdir",
-            str(tmp_path / "w"),
-        ),
-        "is not UTF-8",
-    )
+    w = str(tmp_path / "w")
+    cases = {
+        "is not valid YAML": ["train", bad_yaml, "--workdir", w],
+        "must hold a mapping": ["train", not_mapping, "--workdir", w],
+        "no config.yaml": ["eval", "--workdir", str(tmp_path / "none")],
+        "is not UTF-8": ["train", "configs/lm_tiny.yaml", f"data.source={latin1}", "--workdir", w],
+    }
+    for expected, proc in zip(cases, jaxllm_batch(*cases.values()), strict=True):
+        _assert_one_line_error(proc, expected)
 
 
 def _final_params(workdir, step):

@@ -132,24 +132,25 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(flavour):
     cfg = _tiny(flavour=flavour, n_kv_heads=2, attention="alternating", window=3)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 37, (2, 9)))
     unrolled = build_model(cfg)
-    params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), tokens)["params"])
+    # Jitted: eagerly, every op of init, forward and gradient compiles on its own.
+    params = nn.unbox(jax.jit(unrolled.init)(jax.random.PRNGKey(0), tokens)["params"])
     layers = [params.pop(f"layer_{i}") for i in range(cfg.n_layers)]
     stacked = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
     params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
     scanned = build_model(ModelConfig(**{**cfg.__dict__, "scan_layers": True}))
     np.testing.assert_allclose(
-        unrolled.apply({"params": params}, tokens),
-        scanned.apply({"params": stacked}, tokens),
+        jax.jit(unrolled.apply)({"params": params}, tokens),
+        jax.jit(scanned.apply)({"params": stacked}, tokens),
         atol=1e-5,
     )
 
-    def loss(model, p):
-        return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+    def grads(model):
+        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
 
-    g_plain = jax.grad(lambda p: loss(unrolled, p))(params)
+    g_plain = grads(unrolled)
     for policy in ("full", "save_dots"):
-        remat = build_model(ModelConfig(**{**cfg.__dict__, "remat": policy}))
-        g_remat = jax.grad(lambda p, m=remat: loss(m, p))(params)
+        g_remat = grads(build_model(ModelConfig(**{**cfg.__dict__, "remat": policy})))
         for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 

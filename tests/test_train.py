@@ -13,7 +13,7 @@ from jaxllm import optim, sharding, step
 from jaxllm.config import load_config
 from jaxllm.model import build_model
 from jaxllm.precision import get_policy
-from jaxllm.train import host_params, train
+from jaxllm.train import build_session, host_params, train
 
 # A small model on the real embedded corpus, sized for 8 fake devices on 2 cores.
 SMALL = [
@@ -198,11 +198,25 @@ def test_grad_accumulation_equals_full_batch():
     assert_same_updates(p4, p1, init1, rtol=1e-5)
 
 
+def test_cpu_init_compiler_options_draw_the_same_parameters(monkeypatch):
+    # step.init_compiler_options lowers LLVM's level for the init program on CPU (its
+    # compile, not its run, is the cost); the parameters must not change by one bit.
+    cfg = load_config(None, SMALL + ["mesh.data=1"])
+    devices = jax.devices()[:1]
+    assert step.init_compiler_options(sharding.make_mesh(cfg.mesh, devices))
+    fast = host_params(build_session(cfg, None, devices).steps.init())
+    monkeypatch.setattr(step, "init_compiler_options", lambda mesh: None)
+    default = host_params(build_session(cfg, None, devices).steps.init())
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bf16_policy_keeps_fp32_params_and_logits():
     cfg = load_config(None, SMALL + ["precision=bf16"])
     model = build_model(cfg.model, get_policy("bf16"))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    logits = model.apply(variables, jnp.zeros((1, 8), jnp.int32))
+    # Jitted: eagerly, each op of init and apply would compile on its own.
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    logits = jax.jit(model.apply)(variables, jnp.zeros((1, 8), jnp.int32))
     assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
     assert logits.dtype == jnp.float32
 
