@@ -422,7 +422,17 @@ def compile_steps(
             nonfinite_total=jnp.zeros((), jnp.int32),
         )
 
-    abstract = jax.eval_shape(create_state)
+    # The abstract state from the shapes above, not a third trace of the model's init
+    # (a trace of a few layers costs about a second on 2 CPU cores, at every start).
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(
+        step=scalar,
+        params=param_shapes,
+        opt_state=opt_shapes,
+        loss_scale=ls_shapes,
+        nonfinite_streak=scalar,
+        nonfinite_total=scalar,
+    )
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
     )

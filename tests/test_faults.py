@@ -24,6 +24,9 @@ from jaxllm.errors import UserError
 from jaxllm.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Four checkpoints (every 3 steps) in a run: enough for every kill point and fallback
+# below, and each of the ~30 processes here saves only those four.
+STEPS = 12
 RUN = [
     "model.d_model=64",
     "model.n_layers=2",
@@ -31,7 +34,7 @@ RUN = [
     "model.max_len=64",
     "data.seq_len=32",
     "train.batch_size=8",
-    "train.steps=24",
+    f"train.steps={STEPS}",
     "train.checkpoint_every=3",
     "train.keep_checkpoints=20",
     "train.log_every=1",
@@ -55,7 +58,7 @@ def _run(workdir, extra=(), timeout=300):
     return proc
 
 
-def _params(workdir, step=24):
+def _params(workdir, step=STEPS):
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(workdir, "checkpoints", str(step), "state")
     )
@@ -148,7 +151,7 @@ def test_sigterm_saves_checkpoint_exits_zero_and_resumes(reference, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["preempted"] is True and summary["steps"] < 24
+    assert summary["preempted"] is True and summary["steps"] < STEPS
     assert "preempted: checkpoint of step" in err
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(summary["steps"])))
     _run(workdir)
@@ -167,16 +170,17 @@ def _biggest_file(directory):
 def test_corrupted_latest_checkpoint_falls_back_and_keeps_it(reference, tmp_path, damage):
     workdir = str(tmp_path / "run")
     _run(workdir)
-    victim = _biggest_file(os.path.join(workdir, "checkpoints", "24", "state"))
+    victim = _biggest_file(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
     if damage == "truncate":
         with open(victim, "r+b") as f:
             f.truncate(os.path.getsize(victim) // 2)
     else:
         os.remove(victim)
-    proc = _run(workdir)  # resumes from 21, retrains 22..24, saves 24 again
-    assert "checkpoint step 24 is unreadable" in proc.stderr
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "24.corrupt-0"))  # kept
-    assert all(os.path.isdir(os.path.join(workdir, "checkpoints", str(s))) for s in range(3, 25, 3))
+    proc = _run(workdir)  # resumes from 9, retrains 10..12, saves 12 again
+    assert f"checkpoint step {STEPS} is unreadable" in proc.stderr
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", f"{STEPS}.corrupt-0"))  # kept
+    saved = range(3, STEPS + 1, 3)
+    assert all(os.path.isdir(os.path.join(workdir, "checkpoints", str(s))) for s in saved)
     assert _same(_params(workdir), reference)
     record(trials=1, survived=1)
 

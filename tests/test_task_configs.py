@@ -30,8 +30,10 @@ def _run(config, overrides, workdir):
 
 
 def test_topic_classifier_beats_the_majority_class(tmp_path):
-    got = _run("configs/cls_chatter_topic.yaml", ["train.steps=150", "data.seq_len=64"], tmp_path)
+    got = _run("configs/cls_chatter_topic.yaml", ["train.steps=90", "data.seq_len=64"], tmp_path)
     print(got)
+    # Measured (AMD EPYC, 2 cores): accuracy 0.711 and macro-F1 0.273 at 90 steps (0.811
+    # and 0.393 at 150).
     # Majority class: 33 of the 90 validation conversations (accuracy 0.367, macro-F1 0.026).
     # The class-weight comparison (balanced weights raise macro-F1) is a README figure from
     # full-length runs: at this length the gap is too small to assert without flaking.
@@ -41,16 +43,19 @@ def test_topic_classifier_beats_the_majority_class(tmp_path):
 
 
 def test_translation_beats_copying_the_source(tmp_path):
-    got = _run("configs/mt_numbers_de.yaml", ["train.steps=200"], tmp_path)
+    got = _run("configs/mt_numbers_de.yaml", ["train.steps=120"], tmp_path)
     print(got)
+    # Measured (AMD EPYC, 2 cores): BLEU 25.8, chrF 54.2 at 120 steps (31.5, 61.4 at 200);
+    # copying the source scores BLEU 0.45, chrF 13.7.
     assert got["eval_examples"] == 556  # the whole validation split was decoded
     assert got["eval_bleu"] > got["eval_baseline_bleu"] + 20
     assert got["eval_chrf"] > got["eval_baseline_chrf"] + 20
 
 
 def test_dialogue_beats_the_unigram_perplexity(tmp_path):
-    got = _run("configs/dialogue_chatter.yaml", ["train.steps=150"], tmp_path)
+    got = _run("configs/dialogue_chatter.yaml", ["train.steps=90"], tmp_path)
     print(got)
+    # Measured (AMD EPYC, 2 cores): perplexity 161 and ROUGE-L 0.047 at 90 steps.
     # A context-free unigram model of the training responses scores ~497 on validation.
     assert got["eval_perplexity"] < got["eval_baseline_perplexity"] / 2
     # Decoded replies overlap their references (ROUGE-L is reported next to the echo
