@@ -37,6 +37,7 @@ def _run_benchmark(name: str, *args: str) -> dict:
     return json.loads(proc.stdout)  # stdout is the JSON object alone; progress is on stderr
 
 
+@pytest.mark.slow
 def test_decode_throughput_quick():
     out = _run_benchmark("decode", "--quick")
     assert out["jax_devices"] == ["cpu:0"]
@@ -140,6 +141,7 @@ def test_bench_rejects_unknown_names_and_lists_the_benchmarks():
         assert os.path.isfile(os.path.join(benchmarks_dir(), script)), script
 
 
+@pytest.mark.slow
 def test_int8_gemm_probe_reports_both_dtypes():
     out = _run_benchmark("int8", "--gemm-only", "--batch", "2", "--length", "32")
     assert set(out["cpu_isa"]) >= {"avx2", "avx512_vnni", "avx_vnni"}

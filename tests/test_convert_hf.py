@@ -212,6 +212,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_shipped_finetune_config_trains_lora_on_a_converted_checkpoint(converted, tmp_path):
     from jaxllm.config import load_config
     from jaxllm.train import host_params, train

@@ -23,6 +23,8 @@ from jaxllm.config import load_config
 from jaxllm.errors import UserError
 from jaxllm.train import train
 
+pytestmark = pytest.mark.slow  # end-to-end runs (still in CI, not in make test-fast)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Four checkpoints (every 3 steps) in a run: enough for every kill point and fallback
 # below, and each of the ~30 processes here saves only those four.

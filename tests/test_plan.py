@@ -39,6 +39,7 @@ def test_unknown_topology_lists_the_valid_names(capsys):
     assert err.startswith("jaxllm: error: unknown topology 'tpu-9'") and "v5p-128" in err
 
 
+@pytest.mark.slow
 def test_cpu_plan_of_lm_tiny_through_the_cli(capsys, tmp_path):
     out = tmp_path / "plan.json"
     # Two layers instead of four: the same program, half the compile time.

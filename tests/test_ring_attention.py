@@ -222,6 +222,7 @@ def test_ring_compiles_long_sequences_in_a_fraction_of_dense_memory():
     assert _attention_temp_bytes("ring", 16384) < budget
 
 
+@pytest.mark.slow
 def test_train_step_with_ring_and_vocab_parallel_equals_dense_plain():
     """Both shard_map kernels through the real compiled train step (compile_steps)."""
     from jaxllm import optim, step

@@ -17,6 +17,8 @@ from jaxllm import cli, data, privacy
 from jaxllm.config import load_config
 from jaxllm.train import train
 
+pytestmark = pytest.mark.slow  # end-to-end runs (still in CI, not in make test-fast)
+
 TARGET_EPSILON = 4.0
 
 

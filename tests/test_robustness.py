@@ -7,6 +7,7 @@ import pathlib
 import pickle
 
 import jax
+import pytest
 import yaml
 from faultlog import record
 from hypothesis import HealthCheck, given, settings
@@ -46,6 +47,7 @@ def _metrics_without_timing(workdir):
     return "\n".join(lines).encode()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_metrics(tmp_path):
     cfg = load_config("configs/lm_tiny.yaml", SMALL)
     for name in ("a", "b"):
@@ -83,6 +85,7 @@ def test_no_unpickling_in_the_source():
     assert not offences, offences
 
 
+@pytest.mark.slow
 def test_train_resume_eval_generate_never_unpickle(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("something tried to unpickle")

@@ -13,6 +13,8 @@ from jaxllm.evaluation import evaluate
 from jaxllm.train import train
 from jaxllm.workdir import restore_params, workdir_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs (still in CI, not in make test-fast)
+
 TINY = [
     "model.d_model=64",
     "model.n_layers=2",

@@ -177,6 +177,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])  # tied and untied heads
 def test_train_step_with_vocab_parallel_equals_plain(flavour):
     _, _, targets, weights = _inputs(seed=1)
