@@ -9,6 +9,10 @@ from jaxllm import adversarial, step
 from jaxllm.config import AdversarialConfig, load_config
 from jaxllm.model import build_model
 
+# Compiler options of the tests' jitted inits: on CPU, LLVM's default level spends seconds
+# optimising the threefry draws; level 1 draws the same bits (jaxllm.step.init_compiler_options).
+INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+
 # A tiny classifier on random tokens: no data pipeline needed.
 CLS = [
     "task=classify",
@@ -90,7 +94,9 @@ def test_adversarial_loss_is_clean_plus_weight_times_attacked():
 def test_model_perturbation_has_norm_epsilon_and_raises_the_loss():
     cfg = load_config(None, CLS)
     model = build_model(cfg.model)
-    params = step.strip_boxes(step.init_params(model, cfg, jax.random.PRNGKey(0)))
+    # Jitted, like `attack` below: eagerly, every op of the init compiles on its own.
+    init = jax.jit(lambda key: step.init_params(model, cfg, key), compiler_options=INIT_OPTIONS)
+    params = step.strip_boxes(init(jax.random.PRNGKey(0)))
     batch = jax.tree.map(jnp.asarray, _cls_batch())
     kw = {"segment_ids": batch["segment_ids"]}
 

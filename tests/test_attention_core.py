@@ -12,6 +12,10 @@ from jaxllm.config import ModelConfig, load_config
 from jaxllm.errors import UserError
 from jaxllm.model import build_model
 
+# Compiler options of the tests' jitted inits: on CPU, LLVM's default level spends seconds
+# optimising the threefry draws; level 1 draws the same bits (jaxllm.step.init_compiler_options).
+INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+
 
 def _packed_batch(b=2, t=64):
     """Two packed documents and trailing padding per row, positions restarting per document."""
@@ -66,8 +70,10 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     q, k, v = (jnp.asarray(rng.standard_normal((1, 32, 2, 16)), jnp.float32) for _ in range(3))
     pos = jnp.arange(32)[None]
     mask = attention_mask(pos, pos)
-    ref = dense_attention(q, k, v, mask, causal_blocks=2)
-    lo = dense_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask, causal_blocks=2)
+    # Jitted: eagerly, every slice and dot of the blocks compiles on its own.
+    attend = jax.jit(lambda q, k, v: dense_attention(q, k, v, mask, causal_blocks=2))
+    ref = attend(q, k, v)
+    lo = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert lo.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(lo, np.float32), np.asarray(ref), atol=5e-2)
 
@@ -89,14 +95,18 @@ def test_model_logits_and_grads_equal_across_attention_impls(flavour, prefix):
     params = None
     for variant in ({"causal_blocks": 4}, {"causal_blocks": 2}, {"causal_blocks": 1}):
         model = build_model(ModelConfig(**base, **variant))
+        # Jitted: eagerly, every op of init, forward and gradient compiles on its own.
         if params is None:
-            params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+            key = jax.random.PRNGKey(0)
+            params = nn.unbox(
+                jax.jit(model.init, compiler_options=INIT_OPTIONS)(key, tokens)["params"]
+            )
 
         def loss(p, model=model):
             logits = model.apply({"params": p}, tokens, prefix_mask=prefix_mask)
             return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
 
-        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         outs.append((logits, grads))
     for logits, grads in outs[1:]:
         np.testing.assert_allclose(np.asarray(logits), np.asarray(outs[0][0]), atol=2e-5)
@@ -119,6 +129,7 @@ def test_cached_attention_over_a_heads_major_cache_equals_xla_attention(heads, k
     kv_pos = jnp.arange(s)[None].repeat(b, 0)
     q_pos = jnp.asarray([[10, 11], [17, 18], [22, 23]])
     mask = attention_mask(q_pos, kv_pos)
-    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    got = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    # Jitted: eagerly, every reshape, dot and softmax op compiles on its own.
+    want = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    got = jax.jit(cached_attention)(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)

@@ -11,6 +11,10 @@ from jaxllm.config import ModelConfig
 from jaxllm.decode import filter_logits, generate
 from jaxllm.model import build_model
 
+# Compiler options of the tests' jitted inits: on CPU, LLVM's default level spends seconds
+# optimising the threefry draws; level 1 draws the same bits (jaxllm.step.init_compiler_options).
+INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+
 
 def _np_rope(x, positions, theta):
     """Rotates pairs (i, i + D/2) by pos * theta^(-2i/D), written out element by element."""
@@ -94,8 +98,14 @@ def test_attention_matches_numpy_reference(name):
         pos_in = np.array([[0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1, 2]])
     attn = Attention(cfg)
     args = (jnp.asarray(x), jnp.asarray(pos_in), seg, prefix, window)
-    params = nn.unbox(attn.init(jax.random.PRNGKey(0), *args)["params"])
-    got = np.asarray(attn.apply({"params": params}, *args))
+    # Jitted (the arguments closed over, so the window and masks stay static): eagerly,
+    # every op of init and forward compiles on its own.
+    params = nn.unbox(
+        jax.jit(lambda key: attn.init(key, *args), compiler_options=INIT_OPTIONS)(
+            jax.random.PRNGKey(0)
+        )["params"]
+    )
+    got = np.asarray(jax.jit(lambda p: attn.apply({"params": p}, *args))(params))
     if use_seg:
         # The reference takes positions 0..T-1; packed positions only matter for RoPE, so
         # compare each segment against the reference run on that segment alone.
@@ -133,7 +143,8 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(flavour):
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 37, (2, 9)))
     unrolled = build_model(cfg)
     # Jitted: eagerly, every op of init, forward and gradient compiles on its own.
-    params = nn.unbox(jax.jit(unrolled.init)(jax.random.PRNGKey(0), tokens)["params"])
+    init = jax.jit(unrolled.init, compiler_options=INIT_OPTIONS)
+    params = nn.unbox(init(jax.random.PRNGKey(0), tokens)["params"])
     layers = [params.pop(f"layer_{i}") for i in range(cfg.n_layers)]
     stacked = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
     params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
@@ -168,10 +179,15 @@ def test_kv_cache_greedy_equals_full_forward_argmax(kw):
     cfg = _tiny(**kw)
     model = build_model(cfg)
     prompt = np.random.RandomState(2).randint(0, 37, (3, 6))
-    params = nn.unbox(model.init(jax.random.PRNGKey(3), jnp.asarray(prompt))["params"])
+    # Jitted like `generate` itself: eagerly, every op of init and forward compiles alone.
+    params = nn.unbox(
+        jax.jit(model.init, compiler_options=INIT_OPTIONS)(
+            jax.random.PRNGKey(3), jnp.asarray(prompt)
+        )["params"]
+    )
     new = generate(cfg, params, prompt, max_new_tokens=20)
     seq = np.concatenate([prompt, new], axis=1)
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(seq)))
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(seq)))
     # Token i of the continuation must be the argmax of the full forward at position i-1.
     want = logits.argmax(-1)[:, prompt.shape[1] - 1 : -1]
     np.testing.assert_array_equal(new, want)

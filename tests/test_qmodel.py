@@ -21,12 +21,26 @@ from jaxllm.compress.report import dir_bytes
 from jaxllm.config import ModelConfig
 from jaxllm.model import build_model
 
+# Compiler options of the tests' jitted inits: on CPU, LLVM's default level spends seconds
+# optimising the threefry draws; level 1 draws the same bits (jaxllm.step.init_compiler_options).
+INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+
 CFG = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_len=32)
 
 
 def _params(cfg):
     tokens = jnp.zeros((1, 16), jnp.int32)
-    return nn.unbox(build_model(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+    # Jitted: eagerly, every op of the init compiles on its own.
+    return nn.unbox(
+        jax.jit(build_model(cfg).init, compiler_options=INIT_OPTIONS)(
+            jax.random.PRNGKey(0), tokens
+        )["params"]
+    )
+
+
+def _apply(cfg, **kw):
+    """The model's jitted forward: eagerly, every op compiles on its own."""
+    return jax.jit(build_model(cfg, **kw).apply)
 
 
 def _tokens(seed=1, shape=(3, 16)):
@@ -50,13 +64,13 @@ def test_int_model_equals_quantised_matmul_of_the_float_model(flavour, scan):
     kinds = {jax.tree_util.keystr(p): x.dtype for p, x in flat}
     assert any("qvalue" in k and v == jnp.int8 for k, v in kinds.items())
     assert all(v == jnp.float32 for k, v in kinds.items() if "embed" in k or "norm" in k)
-    int_logits = build_model(int_cfg).apply({"params": qparams}, tokens)
+    int_logits = _apply(int_cfg)({"params": qparams}, tokens)
     # Reference: the float model whose dot re-quantises each kernel on the fly
     # (int8_dot_general_cls): the same integer matmuls from the float weights.
-    ref = build_model(cfg, dot_general_cls=int8_dot_general_cls()).apply({"params": params}, tokens)
+    ref = _apply(cfg, dot_general_cls=int8_dot_general_cls())({"params": params}, tokens)
     assert _rel(int_logits, ref) < 1e-5
     # And W8A8 stays close to the float model itself.
-    exact = build_model(cfg).apply({"params": params}, tokens)
+    exact = _apply(cfg)({"params": params}, tokens)
     assert _rel(int_logits, exact) < 0.05
 
 
@@ -64,13 +78,14 @@ def test_weight_only_and_int4_groups_match_dequantised_weights():
     from jaxllm.compress.quant import dequantize_params
 
     params, tokens = _params(CFG), _tokens()
+    apply_float = _apply(CFG)  # one compile for both dequantised trees (same shapes)
     for bits, group in ((8, 0), (4, 16)):
         cfg = dataclasses.replace(
             CFG, quant="int", quant_act="none", quant_weight_bits=bits, quant_group_size=group
         )
         qparams = quantize_model_params(params, cfg)
-        got = build_model(cfg).apply({"params": qparams}, tokens)
-        ref = build_model(CFG).apply({"params": dequantize_params(qparams)}, tokens)
+        got = _apply(cfg)({"params": qparams}, tokens)
+        ref = apply_float({"params": dequantize_params(qparams)}, tokens)
         assert _rel(got, ref) < 1e-5, (bits, group)
 
 
@@ -82,13 +97,14 @@ def test_static_activation_scales_from_calibration():
     assert len(scales) == 12 and all(float(s) > 0 for s in scales.values())
     cfg = dataclasses.replace(CFG, quant="int", quant_act="static_per_tensor")
     qparams = attach_act_scales(quantize_model_params(params, cfg), scales)
-    got = build_model(cfg).apply({"params": qparams}, tokens)
-    exact = build_model(CFG).apply({"params": params}, tokens)
+    apply_int = _apply(cfg)
+    got = apply_int({"params": qparams}, tokens)
+    exact = _apply(CFG)({"params": params}, tokens)
     assert _rel(got, exact) < 0.1
     # The stored scale is what the layer uses: doubling one changes the output.
     key = "layer_0/mlp/fc"
     qparams["layer_0"]["mlp"]["fc"]["act_scale"] = 2 * scales[key]
-    assert _rel(build_model(cfg).apply({"params": qparams}, tokens), got) > 1e-4
+    assert _rel(apply_int({"params": qparams}, tokens), got) > 1e-4
 
 
 def test_int8_checkpoint_round_trips_at_a_quarter_of_the_bytes(tmp_path):
