@@ -201,22 +201,30 @@ def test_distill_loss_is_alpha_mix_of_kd_and_task_loss_in_one_step():
     tokens = jnp.asarray(RNG.integers(0, 64, (2, 8)), jnp.int32)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "weights": jnp.ones((2, 8))}
     teacher = Teacher(t_model, t_params, 32, temperature=2.0, alpha=0.25)
-    loss_fn = make_distill_loss_fn(s_model, cfg, teacher, None)
+    # Jitted (as in the train step): eagerly, every op of both models compiles on its own.
+    loss_fn = jax.jit(make_distill_loss_fn(s_model, cfg, teacher, None))
     loss, sums = loss_fn(s_params, batch, jax.random.PRNGKey(0), 16.0, t_params)
-    s_logits = s_model.apply({"params": s_params}, tokens)
-    t_logits = t_model.apply({"params": t_params}, tokens)
-    hard = loss_sums("lm", s_logits, batch, cfg.train)
+
+    @jax.jit
+    def reference(s_params, t_params):
+        s_logits = s_model.apply({"params": s_params}, tokens)
+        t_logits = t_model.apply({"params": t_params}, tokens)
+        return s_logits, t_logits, loss_sums("lm", s_logits, batch, cfg.train)
+
+    s_logits, t_logits, hard = reference(s_params, t_params)
     kd = 4.0 * _np_kl(np.asarray(s_logits), np.asarray(t_logits), np.ones((2, 8)), 2.0)
     assert float(sums["kd_sum"]) == pytest.approx(kd, rel=1e-4)
     assert float(loss) == pytest.approx((0.25 * kd + 0.75 * float(hard["loss_sum"])) / 16, rel=1e-4)
     # The teacher gets no gradient: differentiating w.r.t. its parameters gives zeros.
-    g = jax.grad(lambda tp: loss_fn(s_params, batch, jax.random.PRNGKey(0), 16.0, tp)[0])(t_params)
-    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) == 0.0
+    g = jax.jit(jax.grad(lambda tp: loss_fn(s_params, batch, jax.random.PRNGKey(0), 16.0, tp)[0]))(
+        t_params
+    )
+    assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g)) == 0.0
     # Hidden-state and attention-map terms add their weighted sums.
     full = Teacher(
         t_model, t_params, 32, alpha=0.25, hidden_weight=0.5, attention_weight=2.0, layer_map=[1, 3]
     )
-    loss2, sums2 = make_distill_loss_fn(s_model, cfg, full, None)(
+    loss2, sums2 = jax.jit(make_distill_loss_fn(s_model, cfg, full, None))(
         s_params, batch, jax.random.PRNGKey(0), 16.0, t_params
     )
     assert float(sums2["hidden_sum"]) > 0 and float(sums2["attn_sum"]) > 0

@@ -71,6 +71,7 @@ def lora_run(tmp_path_factory):
     return workdir, summary, initial, losses, records.lines
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_trainable(lora_run):
     _, summary, initial, _, _ = lora_run
     final = _flat(host_params(summary["state"]))
@@ -90,6 +91,7 @@ def test_lora_trains_only_adapters_and_trainable(lora_run):
     assert n_adapted == 2 * (2 * 7 + 1)
 
 
+@pytest.mark.slow
 def test_lora_loss_drops_on_embedded_corpus(lora_run):
     _, summary, _, losses, _ = lora_run
     first, last = losses[0], float(np.mean(losses[-5:]))
@@ -100,6 +102,7 @@ def test_lora_loss_drops_on_embedded_corpus(lora_run):
     assert summary["eval_loss"] < np.log(4096) - 1.0
 
 
+@pytest.mark.slow
 def test_lora_optimizer_state_only_for_trainable(lora_run):
     _, summary, _, _, log_lines = lora_run
     state = summary["state"]
@@ -134,6 +137,7 @@ def _flat_arrays(tree):
     }
 
 
+@pytest.mark.slow
 def test_lora_workdir_evaluates_merged(lora_run, capsys):
     workdir, summary, _, _, _ = lora_run
     assert cli.main(["eval", "--workdir", workdir, "train.eval_batches=2"]) == 0
@@ -203,7 +207,11 @@ def test_merged_forward_equals_unmerged_forward():
     cfg, model, params = _model_and_params(
         "finetune.mode=lora", "finetune.lora_targets=kernel$", "finetune.lora_alpha=32"
     )
-    params = _random_b(finetune.add_adapters(params, cfg.finetune, jax.random.PRNGKey(5)))
+    # Jitted: eagerly, every op of the adapter init, the random B and the merge compiles
+    # on its own.
+    params = jax.jit(
+        lambda p: _random_b(finetune.add_adapters(p, cfg.finetune, jax.random.PRNGKey(5)))
+    )(params)
     ads = lora.adapters(params)
     seen = []
 
@@ -224,7 +232,7 @@ def test_merged_forward_equals_unmerged_forward():
     with nn.intercept_methods(unmerged):  # traced (and so intercepted) inside the context
         reference = _logits(model, base, tokens)
     assert sorted(set(seen)) == sorted(ads)
-    merged = _logits(model, lora.merge(params), tokens)
+    merged = _logits(model, jax.jit(lora.merge)(params), tokens)
     plain = _logits(model, base, tokens)
     assert np.max(np.abs(merged - plain)) > 1e-2  # the adapters matter
     np.testing.assert_allclose(merged, reference, atol=1e-5, rtol=1e-5)
@@ -301,6 +309,7 @@ def _compiled(overrides, n_devices=1):
     return cfg, cs
 
 
+@pytest.mark.slow
 def test_frozen_mode_freezes_matching_parameters():
     freeze = "token_embed|layers/attn/"
     cfg, cs = _compiled(

@@ -99,7 +99,9 @@ def test_noise_for_target_epsilon_is_the_smallest_that_reaches_it():
 def test_per_example_clipping_bounds_every_example_gradient():
     cfg = load_config(None, SMALL + ["mesh.data=1"])
     model = build_model(cfg.model)
-    params = step.strip_boxes(step.init_params(model, cfg, jax.random.PRNGKey(0)))
+    # Jitted: eagerly, every op of init compiles on its own.
+    init = jax.jit(lambda rng: step.init_params(model, cfg, rng))
+    params = step.strip_boxes(init(jax.random.PRNGKey(0)))
     batch = jax.tree.map(jnp.asarray, _batch(3))
     key = jax.random.PRNGKey(1)
 
@@ -112,16 +114,20 @@ def test_per_example_clipping_bounds_every_example_gradient():
         return jnp.mean(nll) * (1.0 + row["inputs"][0, 0] % 5), {}
 
     per_example = jax.jit(lambda p, b: privacy.per_example_grads(objective, p, b, key, cfg)[0])
-    grads = per_example(params, batch)
+    # On the host (the same values): eagerly, every slice and difference of a device
+    # array compiles once per leaf shape.
+    grads = jax.device_get(per_example(params, batch))
     # vmap gives what each row's own gradient is.
     row_grad = jax.jit(lambda p, row: jax.grad(objective, has_aux=True)(p, row, None)[0])
     for r in (0, 5):
-        own = row_grad(params, jax.tree.map(lambda x, r=r: x[r : r + 1], batch))
+        own = jax.device_get(row_grad(params, jax.tree.map(lambda x, r=r: x[r : r + 1], batch)))
         assert _max_abs_diff(own, jax.tree.map(lambda g, r=r: g[r], grads)) < 1e-6
-    norms = np.asarray(privacy.example_norms(grads))
+    # Jitted: eagerly, every op of the norms and of the clipping compiles per leaf shape.
+    example_norms = jax.jit(privacy.example_norms)
+    norms = np.asarray(example_norms(grads))
     clip = float(np.median(norms))
-    clipped, before = privacy.clip_per_example(grads, clip)
-    after = np.asarray(privacy.example_norms(clipped))
+    clipped, before = jax.device_get(jax.jit(privacy.clip_per_example)(grads, clip))
+    after = np.asarray(example_norms(clipped))
     np.testing.assert_allclose(np.asarray(before), norms, rtol=1e-6)
     assert np.all(after <= clip * (1 + 1e-6))
     big, small = norms > clip, norms < clip
@@ -152,6 +158,7 @@ def test_noise_has_the_configured_scale_and_depends_only_on_seed_and_step():
 # ----------------------------------------------------------------------------- the step
 
 
+@pytest.mark.slow
 def test_dp_without_noise_and_with_a_huge_clip_norm_equals_plain_sgd():
     initial, plain, _ = _run_steps(["mesh.data=1"], jax.devices()[:1])
     dp = ["privacy.dp=true", "privacy.clip_norm=1e6"]
@@ -162,6 +169,7 @@ def test_dp_without_noise_and_with_a_huge_clip_norm_equals_plain_sgd():
     assert m[-1]["dp_clipped_fraction"] == 0.0
 
 
+@pytest.mark.slow
 def test_noised_dp_step_is_the_same_on_a_sharded_mesh_and_with_grad_accum():
     sigma, clip, batch = 1.0, 0.05, 8
     plan = privacy.DpPlan(sigma, clip, 0.01, 10, 1e-5, 800, batch)

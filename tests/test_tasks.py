@@ -39,7 +39,10 @@ def test_classify_loss_matches_numpy_reference():
     labels = np.array([0, 3, 1, 1, -1, 2])  # row 4 is padding
     weights = np.array([0.5, 2.0, 1.0, 3.0], np.float32)
     ls, gamma = 0.1, 2.0
-    out = tasks.classify_loss_sums(jnp.asarray(logits), jnp.asarray(labels), weights, ls, gamma)
+    # Jitted: eagerly, every op of the loss compiles on its own.
+    out = jax.jit(lambda x, y: tasks.classify_loss_sums(x, y, weights, ls, gamma))(
+        jnp.asarray(logits), jnp.asarray(labels)
+    )
 
     logp = _np_log_softmax(logits.astype(np.float64))
     valid = labels >= 0
@@ -54,7 +57,9 @@ def test_classify_loss_matches_numpy_reference():
     assert float(out["count_sum"]) == 5
     assert float(out["correct_sum"]) == np.sum((logits.argmax(-1) == y) & valid)
     # The weighted mean is PyTorch's CrossEntropyLoss(weight=w) (reduction="mean").
-    plain = tasks.classify_loss_sums(jnp.asarray(logits), jnp.asarray(labels), weights)
+    plain = jax.jit(lambda x, y: tasks.classify_loss_sums(x, y, weights))(
+        jnp.asarray(logits), jnp.asarray(labels)
+    )
     np.testing.assert_allclose(
         float(plain["loss_sum"] / plain["weight_sum"]), np.sum(nll * w) / w.sum(), rtol=1e-5
     )
@@ -142,6 +147,7 @@ CLASSIFY = SMALL + [
 ]
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_backbone_and_adds_a_new_head(pretrained_lm, tmp_path):
     source, lm = pretrained_lm
     cfg = load_config(None, CLASSIFY + [f"init_from={source}"])
@@ -157,6 +163,7 @@ def test_init_from_loads_the_backbone_and_adds_a_new_head(pretrained_lm, tmp_pat
     assert 0.0 <= summary["eval_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_init_from_reports_mismatched_shapes(pretrained_lm, tmp_path):
     source, _ = pretrained_lm
     cfg = load_config(None, CLASSIFY + [f"init_from={source}", "model.d_model=32"])

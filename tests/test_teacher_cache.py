@@ -34,14 +34,16 @@ def _np_log_softmax(x):
 def test_topk_kl_equals_full_kl_at_k_equal_v_and_numpy_below(temp):
     s, t = RNG.normal(size=(3, 5, 11)) * 2, RNG.normal(size=(3, 5, 11)) * 2
     w = (RNG.random((3, 5)) > 0.3).astype(np.float32)
-    full = distill.soft_target_kl_sum(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temp)
-    every = distill.topk_kl_sum(
-        jnp.asarray(s), *distill.teacher_topk(jnp.asarray(t), 11, temp), jnp.asarray(w), temp
-    )
+    # Jitted, T an argument (one program for both temperatures): eagerly, every op
+    # compiles on its own.
+    soft_kl, topk_kl = jax.jit(distill.soft_target_kl_sum), jax.jit(distill.topk_kl_sum)
+    teacher_topk = jax.jit(distill.teacher_topk, static_argnums=1)
+    full = soft_kl(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), temp)
+    every = topk_kl(jnp.asarray(s), *teacher_topk(jnp.asarray(t), 11, temp), jnp.asarray(w), temp)
     assert float(every) == pytest.approx(float(full), rel=1e-5)
     # k = 4: the teacher's 4 largest tokens plus "the rest" as a fifth outcome.
-    vals, idx, lse = distill.teacher_topk(jnp.asarray(t), 4, temp)
-    got = distill.topk_kl_sum(jnp.asarray(s), vals, idx, lse, jnp.asarray(w), temp)
+    vals, idx, lse = teacher_topk(jnp.asarray(t), 4, temp)
+    got = topk_kl(jnp.asarray(s), vals, idx, lse, jnp.asarray(w), temp)
     log_pt_all, log_ps_all = _np_log_softmax(t / temp), _np_log_softmax(s / temp)
     order = np.argsort(-t, -1)[..., :4]
     np.testing.assert_array_equal(np.asarray(idx), order)
@@ -52,18 +54,23 @@ def test_topk_kl_equals_full_kl_at_k_equal_v_and_numpy_below(temp):
     want = temp**2 * np.sum(np.sum(pt5 * (np.log(pt5) - np.log(ps5)), -1) * w)
     assert float(got) == pytest.approx(want, rel=1e-5)
     # Gradients: none reach the cached teacher side; the student's are finite.
-    gs, gv = jax.grad(
-        lambda s_, v_: distill.topk_kl_sum(s_, v_, idx, lse, jnp.asarray(w), temp), argnums=(0, 1)
+    gs, gv = jax.jit(
+        jax.grad(
+            lambda s_, v_: distill.topk_kl_sum(s_, v_, idx, lse, jnp.asarray(w), temp),
+            argnums=(0, 1),
+        )
     )(jnp.asarray(s, jnp.float32), vals)
     assert float(jnp.max(jnp.abs(gv))) == 0.0 and bool(jnp.all(jnp.isfinite(gs)))
     # At k = V the (empty) rest bucket adds no NaN to the gradient.
-    g_all = jax.grad(
-        lambda s_: distill.topk_kl_sum(
-            s_, *distill.teacher_topk(jnp.asarray(t), 11, temp), jnp.asarray(w), temp
+    g_all = jax.jit(
+        jax.grad(
+            lambda s_: distill.topk_kl_sum(
+                s_, *distill.teacher_topk(jnp.asarray(t), 11, temp), jnp.asarray(w), temp
+            )
         )
     )(jnp.asarray(s, jnp.float32))
-    g_full = jax.grad(
-        lambda s_: distill.soft_target_kl_sum(s_, jnp.asarray(t), jnp.asarray(w), temp)
+    g_full = jax.jit(
+        jax.grad(lambda s_: distill.soft_target_kl_sum(s_, jnp.asarray(t), jnp.asarray(w), temp))
     )(jnp.asarray(s, jnp.float32))
     np.testing.assert_allclose(np.asarray(g_all), np.asarray(g_full), atol=1e-5)
 
@@ -80,6 +87,7 @@ def _student_run(tmp_path, name, cfg, teacher, extras=None):
     return jax.device_get(summary["state"].params), summary
 
 
+@pytest.mark.slow
 def test_cached_teacher_trains_exactly_like_the_in_step_teacher(tmp_path):
     t_cfg = load_config("configs/lm_tiny.yaml", QUIET + TINY + ["model.n_layers=4"])
     s_cfg = load_config("configs/lm_tiny.yaml", QUIET + TINY + ["model.n_layers=2"])
@@ -135,8 +143,9 @@ def test_topk_at_full_vocabulary_equals_full_distillation_in_the_step_loss():
     tcfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=16)
     scfg = dataclasses.replace(tcfg, n_layers=1)
     models = [build_model(c) for c in (tcfg, scfg)]
+    # Jitted: eagerly, every op of init and of each loss and gradient compiles on its own.
     t_params, s_params = (
-        nn.unbox(m.init(jax.random.PRNGKey(i), jnp.zeros((1, 8), jnp.int32))["params"])
+        nn.unbox(jax.jit(m.init)(jax.random.PRNGKey(i), jnp.zeros((1, 8), jnp.int32))["params"])
         for i, m in enumerate(models)
     )
     tokens = jnp.asarray(RNG.integers(0, 64, (2, 8)), jnp.int32)
@@ -145,9 +154,9 @@ def test_topk_at_full_vocabulary_equals_full_distillation_in_the_step_loss():
     def loss_and_grad(topk):
         teacher = Teacher(models[0], t_params, 32, temperature=2.0, alpha=0.7, topk=topk)
         fn = make_distill_loss_fn(models[1], Config(model=scfg), teacher, None)
-        return jax.value_and_grad(lambda p: fn(p, batch, jax.random.PRNGKey(0), 16.0, t_params)[0])(
-            s_params
-        )
+        return jax.jit(
+            jax.value_and_grad(lambda p: fn(p, batch, jax.random.PRNGKey(0), 16.0, t_params)[0])
+        )(s_params)
 
     (full, g_full), (every, g_every) = loss_and_grad(0), loss_and_grad(64)
     assert float(every) == pytest.approx(float(full), rel=1e-6)

@@ -44,7 +44,9 @@ def read_events(logdir):
 
 def _params(cfg=CFG):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return jax.device_get(nn.unbox(build_model(cfg).init(jax.random.PRNGKey(0), tokens)["params"]))
+    # Jitted: eagerly, every initializer op compiles on its own.
+    init = jax.jit(build_model(cfg).init)
+    return jax.device_get(nn.unbox(init(jax.random.PRNGKey(0), tokens)["params"]))
 
 
 def _leaves(tree):
@@ -53,7 +55,8 @@ def _leaves(tree):
 
 def test_sparsity_scalars_equal_the_zero_fraction_of_a_pruned_tree(tmp_path):
     params = _params()
-    pruned = jax.tree.map(np.array, apply_masks(params, magnitude_masks(params, 0.6)))
+    # Jitted: eagerly, the masking ops compile once per leaf shape.
+    pruned = jax.tree.map(np.array, jax.jit(apply_masks)(params, magnitude_masks(params, 0.6)))
     # One kernel gets extra exact zeros of its own, so the layers differ.
     pruned["layer_1"]["mlp"]["fc"]["kernel"][:5] = 0.0
     logger = MetricsLogger(str(tmp_path))
