@@ -207,11 +207,7 @@ def test_merged_forward_equals_unmerged_forward():
     cfg, model, params = _model_and_params(
         "finetune.mode=lora", "finetune.lora_targets=kernel$", "finetune.lora_alpha=32"
     )
-    # Jitted: eagerly, every op of the adapter init, the random B and the merge compiles
-    # on its own.
-    params = jax.jit(
-        lambda p: _random_b(finetune.add_adapters(p, cfg.finetune, jax.random.PRNGKey(5)))
-    )(params)
+    params = _random_b(finetune.add_adapters(params, cfg.finetune, jax.random.PRNGKey(5)))
     ads = lora.adapters(params)
     seen = []
 
@@ -232,7 +228,7 @@ def test_merged_forward_equals_unmerged_forward():
     with nn.intercept_methods(unmerged):  # traced (and so intercepted) inside the context
         reference = _logits(model, base, tokens)
     assert sorted(set(seen)) == sorted(ads)
-    merged = _logits(model, jax.jit(lora.merge)(params), tokens)
+    merged = _logits(model, lora.merge(params), tokens)
     plain = _logits(model, base, tokens)
     assert np.max(np.abs(merged - plain)) > 1e-2  # the adapters matter
     np.testing.assert_allclose(merged, reference, atol=1e-5, rtol=1e-5)
