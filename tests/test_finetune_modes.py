@@ -20,7 +20,12 @@ from jaxllm.train import host_params, train
 from jaxllm.workdir import restore_params, workdir_config
 
 # test_train's small model, with the step count left to each test.
-SMALL = [o for o in test_train.SMALL if not o.startswith("train.steps=")]
+# Two layers (test_train's SMALL has one): the adapter counts and per-layer merges below
+# are written for a 2-layer model.
+SMALL = [
+    *(o for o in test_train.SMALL if not o.startswith(("train.steps=", "model.n_layers="))),
+    "model.n_layers=2",
+]
 # On a randomly initialised base the adapters must reach every matrix, the LM head
 # included, to move the predictions in 20 steps (a pretrained base needs far less).
 LORA = [
