@@ -18,6 +18,10 @@ from jaxllm.config import Config, load_config
 from jaxllm.errors import UserError
 from jaxllm.train import train
 
+# One scheduling unit, in file order: test_zz_report_fuzz_cases counts the fuzz cases the
+# tests before it ran in this process (tests/schedule.py keeps a unit's order).
+pytestmark = pytest.mark.xdist_group("robustness")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = [
     "model.d_model=32",
