@@ -345,6 +345,10 @@ def make_eval_step(model: nn.Module, cfg: Config, class_weights: Any = None) -> 
     return eval_step
 
 
+# LLVM level 1 for the init program on CPU (see init_compiler_options).
+CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     """XLA options for the one-off program that draws the initial parameters.
 
@@ -357,7 +361,7 @@ def init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     defaults.
     """
     if mesh.devices.flat[0].platform == "cpu":
-        return {"xla_backend_optimization_level": 1}
+        return CPU_INIT_COMPILER_OPTIONS
     return None
 
 

@@ -11,7 +11,7 @@ from jaxllm.model import build_model
 
 # Compiler options of the tests' jitted inits: on CPU, LLVM's default level spends seconds
 # optimising the threefry draws; level 1 draws the same bits (jaxllm.step.init_compiler_options).
-INIT_OPTIONS = {"xla_backend_optimization_level": 1}
+from jaxllm.step import CPU_INIT_COMPILER_OPTIONS as INIT_OPTIONS  # noqa: E402
 
 # A tiny classifier on random tokens: no data pipeline needed.
 CLS = [
